@@ -1,0 +1,594 @@
+"""The `lrq` command line: thin over jobs, submission and dispatch. Never imports torch."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from service import db, jobs
+from service.errors import InputError, LrqError
+from service.settings import Settings, get_settings
+
+FORMATS = click.Choice(["table", "json", "csv"])
+
+
+class LrqGroup(click.Group):
+    """Turns every LrqError into one readable line and its exit code, in one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LrqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(cls=LrqGroup)
+@click.version_option(package_name="lrq")
+def main() -> None:
+    """lrq: queue regression-training runs, run them on CPU and GPU workers, query results."""
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+def _url(check: bool = True) -> str:
+    url = _settings().resolved_database_url()
+    if check:
+        db.check_schema(url)
+    return url
+
+
+def _app() -> Any:
+    from service.queue import get_app
+
+    return get_app()
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    if isinstance(value, dt.datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> str:
+    """Rows as an aligned table, a JSON array, or CSV with a header."""
+    if fmt == "json":
+        return json.dumps(
+            [{c: row.get(c) for c in columns} for row in rows], default=_json_default, indent=2
+        )
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow(
+                [json.dumps(row.get(c)) if isinstance(row.get(c), list) else _cell(row.get(c))
+                 for c in columns]
+            )
+        return buffer.getvalue().rstrip("\n")
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _age(when: dt.datetime | None) -> str:
+    if when is None:
+        return ""
+    seconds = int((jobs.utcnow() - when).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+# -- run ------------------------------------------------------------------------------------
+
+
+def _load_spec(path: str, overrides: Sequence[str]) -> dict[str, Any]:
+    from service import spec
+
+    return spec.apply_overrides(spec.load_document(path), overrides)
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def run(spec_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Train one spec in this process and print its result (no queue, no database)."""
+    from service import spec
+    from workers import engines
+    from workers.data import build_train_data, load_spec_table
+
+    settings = _settings()
+    job = spec.validate(_load_spec(spec_file, overrides))
+    if job.data.dataset is not None:
+        raise InputError("data.dataset: `lrq run` trains files or synthetic data; use submit")
+    spec.check_limits(job, settings)
+    table = load_spec_table(job, settings)
+    if table is not None:
+        spec.check_limits(job, settings, rows=len(table.y), features=len(table.columns))
+    data = build_train_data(job, table=table)
+
+    def show(record: Any, _snapshot: Callable[[], Any]) -> None:
+        if not as_json:
+            test = f"  test {record.test_loss:.6g}" if record.test_loss is not None else ""
+            click.echo(f"epoch {record.epoch:>6}  loss {record.train_loss:.6g}{test}")
+
+    result = engines.train(job, data, on_epoch=show)
+    summary = dict(result.summary)
+    summary["history"] = result.losses
+    summary["test_history"] = [r.test_loss for r in result.history]
+    if as_json:
+        click.echo(json.dumps(jobs.json_safe(summary)))
+    else:
+        _print_summary(job.name, summary)
+    sys.exit(0 if result.status == "succeeded" else 1)
+
+
+def _print_summary(name: str, summary: dict[str, Any]) -> None:
+    keys = ("status", "epochs_done", "train_loss", "final_loss", "test_loss", "r2", "test_r2",
+            "optimum_loss", "optimum_gap", "coef_error", "weights", "bias", "train_seconds",
+            "device")
+    click.echo(f"{name}:")
+    for key in keys:
+        if key in summary:
+            click.echo(f"  {key:<14} {_cell(summary[key])}")
+
+
+# -- submit ---------------------------------------------------------------------------------
+
+
+def _wait(job_ids: Sequence[str], url: str, timeout: float | None, quiet: bool) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        with db.transaction(url) as session:
+            found = jobs.find_jobs(session=session, ids=job_ids)
+        states = [j.state for j in found]
+        if all(s in ("succeeded", "failed", "diverged", "cancelled") for s in states):
+            break
+        if deadline is not None and time.monotonic() > deadline:
+            click.echo(f"error: --timeout: jobs still unfinished after {timeout:g}s", err=True)
+            return 1
+        time.sleep(0.5)
+    if not quiet:
+        for job in found:
+            detail = f" ({job.error})" if job.error else ""
+            click.echo(f"{job.id[:12]}  {job.state}{detail}")
+    return 0 if all(s == "succeeded" for s in states) else 1
+
+
+@main.command()
+@click.argument("spec_file", metavar="SPEC")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field.")
+@click.option("--grid", multiple=True, metavar="KEY=V1,V2", help="Sweep a field (repeatable).")
+@click.option("--queue", default=None, help="Queue to use instead of the device's (cpu, gpu).")
+@click.option("--wait", is_flag=True, help="Wait; exit 0 only if every job succeeded.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after N seconds.")
+@click.option("-q", "--quiet", is_flag=True, help="Print job ids only.")
+def submit(
+    spec_file: str,
+    overrides: tuple[str, ...],
+    grid: tuple[str, ...],
+    queue: str | None,
+    wait: bool,
+    timeout: float | None,
+    quiet: bool,
+) -> None:
+    """Validate a spec (or a sweep of it), record the jobs and queue them."""
+    from service import dispatch, spec
+    from service.errors import BrokerError
+    from service.submission import submit as submit_jobs
+
+    settings = _settings()
+    document = spec.load_document(spec_file)
+    url = _url()
+    with db.transaction(url) as session:
+        submission = submit_jobs(
+            document,
+            overrides=overrides,
+            grid=grid,
+            queue=queue,
+            settings=settings,
+            session=session,
+        )
+        pairs = [(job.id, job.queue) for job in submission.jobs]
+    ids = [job_id for job_id, _ in pairs]
+    if submission.sweep_id and not quiet:
+        click.echo(f"sweep {submission.sweep_id}")
+    for job in submission.jobs:
+        click.echo(job.id if quiet else f"{job.id}  {job.name}  queue={job.queue}")
+    try:
+        dispatch.publish_jobs(_app(), settings, pairs)
+    except BrokerError as exc:
+        raise BrokerError(
+            f"{exc}; {len(ids)} job(s) are recorded and will be queued once the broker is "
+            "back (a worker's reconciler or `lrq reconcile` sends them)"
+        ) from None
+    if wait:
+        sys.exit(_wait(ids, url, timeout, quiet))
+
+
+# -- status and results ---------------------------------------------------------------------
+
+STATUS_COLUMNS = ("id", "name", "backend", "device", "state", "epoch", "last_loss", "worker", "age")
+
+
+def _status_row(job: Any) -> dict[str, Any]:
+    return {
+        "id": job.id[:12],
+        "name": job.name,
+        "backend": job.backend,
+        "device": job.device,
+        "state": job.state,
+        "epoch": f"{job.epochs_done}/{job.epochs_total}",
+        "last_loss": job.last_loss,
+        "worker": job.worker or "",
+        "age": _age(job.created_at),
+    }
+
+
+def _select(
+    refs: Sequence[str], state: str | None, sweep: str | None, name: str | None, url: str,
+    limit: int | None = None,
+) -> list[Any]:
+    with db.transaction(url) as session:
+        ids = jobs.resolve_ids(refs, session=session) if refs else None
+        sweep_id = jobs.resolve_sweep(sweep, session=session) if sweep else None
+        return jobs.find_jobs(
+            session=session, ids=ids, state=state, sweep_id=sweep_id, name=name, limit=limit
+        )
+
+
+STATE_CHOICE = click.Choice(["queued", "running", "succeeded", "failed", "diverged", "cancelled"])
+
+
+@main.command()
+@click.argument("refs", nargs=-1, metavar="[IDS]...")
+@click.option("--state", type=STATE_CHOICE, default=None)
+@click.option("--sweep", default=None, help="Jobs of one sweep (id or prefix).")
+@click.option("--name", default=None, help="Jobs with this name.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Newest N jobs.")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until all are finished.")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def status(
+    refs: tuple[str, ...],
+    state: str | None,
+    sweep: str | None,
+    name: str | None,
+    limit: int | None,
+    watch: bool,
+    fmt: str,
+) -> None:
+    """Show jobs: state, progress, last loss, worker."""
+    url = _url()
+    while True:
+        found = _select(refs, state, sweep, name, url, limit)
+        text = render([_status_row(j) for j in found], STATUS_COLUMNS, fmt)
+        if watch and fmt == "table":
+            click.clear()
+        click.echo(text)
+        if not watch or all(j.state not in ("queued", "running") for j in found):
+            return
+        time.sleep(2)
+
+
+RESULT_COLUMNS = (
+    "id", "name", "state", "epochs_done", "train_loss", "test_loss", "optimum_loss",
+    "optimum_gap", "weights", "bias", "train_seconds",
+)
+
+
+@main.command()
+@click.argument("refs", nargs=-1, metavar="IDS...")
+@click.option("--sweep", default=None, help="Every job of a sweep.")
+@click.option("--history", is_flag=True, help="Per-epoch losses instead of the summary.")
+@click.option("--all-columns", is_flag=True, help="Every summary field and spec parameter.")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None)
+def results(
+    refs: tuple[str, ...],
+    sweep: str | None,
+    history: bool,
+    all_columns: bool,
+    fmt: str,
+    output: str | None,
+) -> None:
+    """Results of jobs: weights, bias, losses, optimum gap, timings; or their histories."""
+    if not refs and not sweep:
+        raise InputError("IDS: give job ids (or prefixes), or --sweep")
+    url = _url()
+    found = _select(refs, None, sweep, None, url)
+    if history:
+        with db.transaction(url) as session:
+            frame = jobs.history_frame([j.id for j in found], session=session)
+        rows = frame.to_dict("records")
+        columns: Sequence[str] = list(frame.columns)
+    else:
+        rows = [jobs.result_row(j) for j in found]
+        columns = list(rows[0]) if rows and all_columns else list(RESULT_COLUMNS)
+        if fmt == "table":
+            for row in rows:
+                row["id"] = row["id"][:12]
+    for row in rows:
+        for key, value in row.items():
+            if isinstance(value, float) and math.isnan(value):
+                row[key] = None
+    text = render(rows, columns, fmt)
+    if output:
+        Path(output).write_text(text + "\n")
+        click.echo(f"wrote {len(rows)} rows to {output}", err=True)
+    else:
+        click.echo(text)
+
+
+# -- cancel, retry, reconcile ---------------------------------------------------------------
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True, metavar="IDS...")
+def cancel(refs: tuple[str, ...]) -> None:
+    """Cancel jobs: queued ones never start; running ones stop at their next record."""
+    url = _url()
+    with db.transaction(url) as session:
+        outcome = jobs.cancel_jobs(jobs.resolve_ids(refs, session=session), session=session)
+    for job_id, what in outcome.items():
+        click.echo(f"{job_id[:12]}  {what}")
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True, metavar="IDS...")
+def retry(refs: tuple[str, ...]) -> None:
+    """Queue failed, diverged or cancelled jobs again, from the start."""
+    from service import dispatch
+
+    settings = _settings()
+    url = _url()
+    with db.transaction(url) as session:
+        again = jobs.retry_jobs(jobs.resolve_ids(refs, session=session), session=session)
+        pairs = [(j.id, j.queue) for j in again]
+    dispatch.publish_jobs(_app(), settings, pairs)
+    for job_id, _ in pairs:
+        click.echo(f"{job_id[:12]}  queued")
+
+
+@main.command()
+def reconcile() -> None:
+    """Reclaim jobs of dead workers and republish queued jobs the broker lost."""
+    from service import dispatch
+
+    report = dispatch.reconcile_once(_app(), _settings())
+    click.echo(
+        f"requeued {len(report.requeued)}, failed {len(report.failed)}, "
+        f"published {len(report.published)}"
+    )
+
+
+# -- worker ---------------------------------------------------------------------------------
+
+
+def _parse_gpus(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    if value == "all":
+        from workers.pool import visible_gpus
+
+        return visible_gpus()
+    try:
+        gpus = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter("expected 'all' or comma-separated GPU indices") from None
+    if any(g < 0 for g in gpus) or len(set(gpus)) != len(gpus):
+        raise click.BadParameter("GPU indices must be distinct and >= 0")
+    return gpus
+
+
+@main.command()
+@click.option("--queues", default=None, help="Comma-separated queues [default: cpu, or gpu with --gpus].")
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--gpus", default=None, help="'all' or indices: one worker process per GPU.")
+@click.option("--name", default=None, help="Worker name (default: lrq-<queues>@<host>).")
+@click.option("--loglevel", default="INFO", show_default=True)
+def worker(queues: str | None, concurrency: int, gpus: str | None, name: str | None, loglevel: str) -> None:
+    """Run a worker on this host (or a pool of GPU workers with --gpus)."""
+    from workers.pool import run_gpu_pool, run_worker
+
+    default = "gpu" if gpus else "cpu"
+    names = [q.strip() for q in (queues or default).split(",") if q.strip()]
+    if not names:
+        raise click.BadParameter("give at least one queue", param_hint="--queues")
+    settings = _settings()
+    db.check_schema(settings.resolved_database_url())
+    gpu_list = _parse_gpus(gpus)
+    if gpu_list is not None:
+        sys.exit(run_gpu_pool(gpu_list, queues=names, loglevel=loglevel))
+    run_worker(settings, queues=names, concurrency=concurrency, name=name, loglevel=loglevel)
+
+
+# -- database and datasets ------------------------------------------------------------------
+
+
+@main.group(cls=LrqGroup)
+def db_group() -> None:
+    """The database schema."""
+
+
+main.add_command(db_group, name="db")
+
+
+@db_group.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Create or migrate the schema to the newest revision."""
+    url = _url(check=False)
+    db.upgrade(url, revision)
+    click.echo(f"{db.mask_url(url)} at revision {db.current_revision(url)}")
+
+
+@db_group.command("current")
+def db_current() -> None:
+    """Show the schema's revision and the newest one."""
+    url = _url(check=False)
+    click.echo(f"{db.mask_url(url)}: {db.current_revision(url)} (head {db.head_revision(url)})")
+
+
+@main.group(cls=LrqGroup)
+def datasets() -> None:
+    """Registered datasets, stored in the database for every worker."""
+
+
+@datasets.command("add")
+@click.argument("file", type=click.Path())
+@click.option("--target", required=True, help="The target column.")
+@click.option("--features", default=None, help="Comma-separated feature columns (default all).")
+@click.option("--name", default=None, help="A name to refer to it by (default the file name).")
+def datasets_add(file: str, target: str, features: str | None, name: str | None) -> None:
+    """Register a CSV or Parquet file (content-addressed: the same content is stored once)."""
+    from service.datasets import read_table, safe_path
+
+    settings = _settings()
+    url = _url()
+    path = safe_path(file, settings.resolved_data_dir())
+    table = read_table(
+        path,
+        target=target,
+        features=[f.strip() for f in features.split(",")] if features else None,
+        max_bytes=settings.max_dataset_bytes,
+        max_rows=settings.max_rows,
+        max_features=settings.max_features,
+    )
+    with db.transaction(url) as session:
+        dataset = jobs.register_dataset(table, name=name or path.name, session=session)
+        click.echo(f"{dataset.id}  {dataset.name}  {dataset.n_rows} rows  {len(dataset.features)} features")
+
+
+@datasets.command("list")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def datasets_list(fmt: str) -> None:
+    """List registered datasets."""
+    with db.transaction(_url()) as session:
+        rows = [
+            {
+                "id": d.id[:12] if fmt == "table" else d.id,
+                "name": d.name,
+                "target": d.target,
+                "features": d.features,
+                "rows": d.n_rows,
+                "bytes": d.n_bytes,
+                "created": d.created_at,
+            }
+            for d in jobs.list_datasets(session=session)
+        ]
+    click.echo(render(rows, ("id", "name", "target", "features", "rows", "bytes", "created"), fmt))
+
+
+# -- info, plot, demo -----------------------------------------------------------------------
+
+
+@main.command()
+def info() -> None:
+    """Where lrq points, queue lengths, live workers and jobs per state (no secrets shown)."""
+    from service.queue import live_workers, mask_broker_url, queue_lengths
+
+    settings = _settings()
+    url = settings.resolved_database_url()
+    app = _app()
+    click.echo(f"database  {db.mask_url(url)}")
+    click.echo(f"broker    {mask_broker_url(settings.resolved_broker_url())}")
+    try:
+        db.check_schema(url)
+        with db.transaction(url) as session:
+            counts = jobs.queue_counts(session=session)
+        click.echo("jobs      " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+    except LrqError as exc:
+        click.echo(f"jobs      unavailable: {exc}")
+    try:
+        lengths = queue_lengths(app)
+        click.echo("queues    " + ", ".join(f"{k} {'?' if v is None else v}" for k, v in lengths.items()))
+        workers = live_workers(app)
+        click.echo("workers   " + (", ".join(workers) if workers else "none answering"))
+    except Exception as exc:
+        click.echo(f"queues    unavailable: {type(exc).__name__}")
+
+
+@main.command()
+@click.argument("refs", nargs=-1, metavar="IDS...")
+@click.option("--sweep", default=None)
+@click.option("-o", "--output", default="losses.png", show_default=True, type=click.Path())
+@click.option("--log/--linear", "log_scale", default=True, show_default=True)
+def plot(refs: tuple[str, ...], sweep: str | None, output: str, log_scale: bool) -> None:
+    """Plot the loss histories of jobs to a PNG."""
+    if not refs and not sweep:
+        raise InputError("IDS: give job ids (or prefixes), or --sweep")
+    url = _url()
+    found = _select(refs, None, sweep, None, url)
+    with db.transaction(url) as session:
+        frame = jobs.history_frame([j.id for j in found], session=session)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plot: needs matplotlib (pip install 'lrq[plot]')") from None
+    names = {j.id: j.name for j in found}
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for job_id, group in frame.groupby("job_id"):
+        axis.plot(group["epoch"], group["train_loss"], label=f"{names[str(job_id)]} ({str(job_id)[:8]})")
+    if log_scale:
+        axis.set_yscale("log")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("train loss")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(output, dpi=100)
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.option("--home", type=click.Path(file_okay=False), default=None,
+              help="Directory for the demo's database and broker (default: <lrq home>/demo).")
+def demo(home: str | None) -> None:
+    """Run the tutorial's two jobs through submit, queue, worker and database, in one process."""
+    from service.demo import run_demo
+
+    root = Path(home) if home else _settings().home / "demo"
+    sys.exit(run_demo(root, echo=click.echo))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,649 @@
+"""The job state machine: submit, claim, record, finish, cancel, retry, reconcile, query.
+
+Every function takes the caller's ``session`` and never commits it. Writes that race other
+workers are conditional UPDATEs fenced by ``attempts``: a worker whose claim was taken over
+(its lease lapsed) finds its writes refused and stops.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import socket
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.errors import NotFoundError, StateError
+from service.models import TERMINAL, Dataset, Epoch, Job, Sweep
+from service.spec import JobSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from service.datasets import Table
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def worker_identity() -> str:
+    """``host:pid`` of this process: the lease holder's name."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None: JSON (and PostgreSQL's json) has no NaN or inf."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# -- datasets -------------------------------------------------------------------------------
+
+
+def register_dataset(table: Table, *, name: str, session: Session) -> Dataset:
+    """Store a table under its content hash; registering the same content again is a no-op."""
+    from service.datasets import digest, encode
+
+    blob = encode(table)
+    key = digest(blob)
+    existing = session.get(Dataset, key)
+    if existing is not None:
+        return existing
+    dataset = Dataset(
+        id=key,
+        name=name,
+        target=table.target,
+        features=list(table.columns),
+        n_rows=len(table.y),
+        n_bytes=len(blob),
+        content=blob,
+        created_at=utcnow(),
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+def find_dataset(ref: str, *, session: Session) -> Dataset:
+    """A dataset by id, unique id prefix, or name (the newest of that name)."""
+    found = session.get(Dataset, ref)
+    if found is not None:
+        return found
+    named = session.scalars(
+        select(Dataset).where(Dataset.name == ref).order_by(Dataset.created_at.desc()).limit(1)
+    ).first()
+    if named is not None:
+        return named
+    if len(ref) >= 4 and all(c in "0123456789abcdef" for c in ref):
+        matches = session.scalars(
+            select(Dataset).where(Dataset.id.startswith(ref, autoescape=True)).limit(2)
+        ).all()
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise NotFoundError(f"data.dataset: prefix {ref!r} matches more than one dataset")
+    raise NotFoundError(f"data.dataset: no dataset with id or name {ref!r}")
+
+
+def list_datasets(*, session: Session) -> list[Dataset]:
+    return list(session.scalars(select(Dataset).order_by(Dataset.created_at)))
+
+
+# -- submit ---------------------------------------------------------------------------------
+
+
+def create_jobs(
+    specs: Sequence[JobSpec],
+    *,
+    session: Session,
+    max_attempts: int,
+    queue: str | None = None,
+    sweep: tuple[dict[str, Any], list[str]] | None = None,
+) -> list[Job]:
+    """Insert queued jobs (and their sweep); publishing happens after the commit."""
+    now = utcnow()
+    sweep_id = None
+    if sweep is not None:
+        base, grid = sweep
+        sweep_id = new_id()
+        session.add(
+            Sweep(
+                id=sweep_id,
+                name=str(base.get("name", "sweep"))[:200],
+                spec=json_safe(base),
+                grid=grid,
+                created_at=now,
+            )
+        )
+        session.flush()  # the sweep row must exist before jobs refer to it
+    jobs = [
+        Job(
+            id=new_id(),
+            name=spec.name,
+            sweep_id=sweep_id,
+            dataset_id=spec.data.dataset,
+            spec=spec.to_json(),
+            backend=spec.backend,
+            device=spec.device,
+            queue=queue or spec.queue,
+            state="queued",
+            epochs_total=spec.epochs,
+            epochs_done=0,
+            attempts=0,
+            max_attempts=max_attempts,
+            cancel_requested=False,
+            created_at=now,
+        )
+        for spec in specs
+    ]
+    session.add_all(jobs)
+    session.flush()
+    return jobs
+
+
+def mark_published(job_ids: Iterable[str], *, session: Session) -> None:
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(published_at=utcnow()))
+
+
+# -- claim ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: str
+    attempt: int
+    spec: dict[str, Any]
+    checkpoint: dict[str, Any] | None
+    dataset_id: str | None
+
+
+def _holder_is_dead_here(worker: str | None) -> bool:
+    """True when the lease holder was a process on this host that no longer exists."""
+    if not worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def claim_job(
+    job_id: str, *, session: Session, worker: str, lease_seconds: float
+) -> Claim | None:
+    """Take a job for one attempt, or None when it is not ours to run now."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    now = utcnow()
+    if job.state == "queued":
+        pass
+    elif job.state == "running" and (
+        (job.lease_expires_at is not None and job.lease_expires_at < now)
+        or _holder_is_dead_here(job.worker)
+    ):
+        pass
+    else:
+        return None  # running elsewhere under a live lease, or finished: a duplicate message
+    # Read before the UPDATEs: the session synchronises ``job`` with what they write.
+    seen, spec, checkpoint, dataset_id = job.attempts, job.spec, job.checkpoint, job.dataset_id
+    fence = (Job.id == job_id) & (Job.state == job.state) & (Job.attempts == seen)
+    if seen >= job.max_attempts:
+        session.execute(
+            update(Job)
+            .where(fence)
+            .values(
+                state="failed",
+                error=f"worker lost: {seen} attempts, the limit",
+                worker=None,
+                lease_expires_at=None,
+                finished_at=now,
+            )
+        )
+        return None
+    claimed = session.execute(
+        update(Job)
+        .where(fence)
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            worker=worker,
+            lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+            started_at=func.coalesce(Job.started_at, now),
+        )
+    )
+    if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return Claim(
+        job_id=job_id, attempt=seen + 1, spec=spec, checkpoint=checkpoint, dataset_id=dataset_id
+    )
+
+
+def _fenced(job_id: str, attempt: int) -> Any:
+    return (Job.id == job_id) & (Job.state == "running") & (Job.attempts == attempt)
+
+
+def renew_lease(job_id: str, *, attempt: int, session: Session, lease_seconds: float) -> bool:
+    """Extend the lease; False when this attempt no longer owns the job."""
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def release_job(job_id: str, *, worker: str, session: Session) -> bool:
+    """Put a running job held by a (dead) worker back to queued, to be claimed again now."""
+    result = session.execute(
+        update(Job)
+        .where((Job.id == job_id) & (Job.state == "running") & (Job.worker == worker))
+        .values(state="queued", worker=None, lease_expires_at=None)
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def fail_job(job_id: str, *, error: str, session: Session, worker: str | None = None) -> bool:
+    """Fail a running job (held by ``worker`` when given), e.g. after a hard time limit."""
+    condition = (Job.id == job_id) & (Job.state == "running")
+    if worker is not None:
+        condition &= Job.worker == worker
+    result = session.execute(
+        update(Job)
+        .where(condition)
+        .values(
+            state="failed", error=error, worker=None, lease_expires_at=None, finished_at=utcnow()
+        )
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+# -- record and finish ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochRow:
+    epoch: int
+    train_loss: float
+    test_loss: float | None
+    seconds: float
+
+
+def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> None:
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(Epoch)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Epoch.job_id, Epoch.epoch],
+        set_={
+            "train_loss": stmt.excluded.train_loss,
+            "test_loss": stmt.excluded.test_loss,
+            "seconds": stmt.excluded.seconds,
+        },
+    )
+    session.execute(
+        stmt,
+        [
+            {
+                "job_id": job_id,
+                "epoch": r.epoch,
+                "train_loss": r.train_loss,
+                "test_loss": r.test_loss,
+                "seconds": r.seconds,
+            }
+            for r in rows
+        ],
+    )
+
+
+class LeaseLostError(StateError):
+    """Raised when a worker's attempt no longer owns its job (taken over after its lease lapsed)."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    cancel_requested: bool
+
+
+def record_epochs(
+    job_id: str,
+    rows: Sequence[EpochRow],
+    *,
+    attempt: int,
+    checkpoint: dict[str, Any] | None,
+    session: Session,
+    lease_seconds: float,
+) -> Progress:
+    """Upsert a batch of epochs with the checkpoint they lead to, and renew the lease."""
+    values: dict[str, Any] = {"lease_expires_at": utcnow() + dt.timedelta(seconds=lease_seconds)}
+    if rows:
+        values["epochs_done"] = rows[-1].epoch
+        values["last_loss"] = rows[-1].train_loss
+    if checkpoint is not None:
+        values["checkpoint"] = json_safe(checkpoint)
+    result = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
+    _upsert_epochs(job_id, rows, session)
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return Progress(cancel_requested=bool(cancel))
+
+
+def finish_job(
+    job_id: str,
+    *,
+    attempt: int,
+    state: str,
+    rows: Sequence[EpochRow] = (),
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    session: Session,
+) -> None:
+    """The last epochs, the result and the terminal state, in the caller's one transaction."""
+    if state not in TERMINAL:
+        raise StateError(f"{state!r} is not a terminal state")
+    values: dict[str, Any] = {
+        "state": state,
+        "result": json_safe(result),
+        "error": error,
+        "lease_expires_at": None,
+        "finished_at": utcnow(),
+    }
+    if rows:
+        values["epochs_done"] = rows[-1].epoch
+        values["last_loss"] = rows[-1].train_loss
+    done = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
+    _upsert_epochs(job_id, rows, session)
+    if state == "succeeded":
+        expected = session.scalar(select(Job.epochs_done).where(Job.id == job_id))
+        stored = session.scalar(select(func.count()).where(Epoch.job_id == job_id))
+        if stored != expected:
+            # Raising rolls the whole finish back: the job stays running and is resumed.
+            raise StateError(f"job {job_id}: {stored} epoch rows stored, {expected} expected")
+
+
+# -- cancel and retry -----------------------------------------------------------------------
+
+
+def cancel_jobs(job_ids: Sequence[str], *, session: Session) -> dict[str, str]:
+    """Cancel queued jobs now and ask running ones to stop; returns what happened to each."""
+    outcome: dict[str, str] = {}
+    now = utcnow()
+    for job_id in job_ids:
+        queued = session.execute(
+            update(Job)
+            .where((Job.id == job_id) & (Job.state == "queued"))
+            .values(state="cancelled", finished_at=now, cancel_requested=True)
+        )
+        if queued.rowcount == 1:  # type: ignore[attr-defined]
+            outcome[job_id] = "cancelled"
+            continue
+        running = session.execute(
+            update(Job)
+            .where((Job.id == job_id) & (Job.state == "running"))
+            .values(cancel_requested=True)
+        )
+        if running.rowcount == 1:  # type: ignore[attr-defined]
+            outcome[job_id] = "cancelling"
+        else:
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+            outcome[job_id] = f"already {state}"
+    return outcome
+
+
+RETRYABLE = ("failed", "diverged", "cancelled")
+
+
+def retry_jobs(job_ids: Sequence[str], *, session: Session) -> list[Job]:
+    """Queue failed, diverged or cancelled jobs again, from scratch."""
+    jobs = list(session.scalars(select(Job).where(Job.id.in_(job_ids))))
+    refused = [j for j in jobs if j.state not in RETRYABLE]
+    if refused:
+        listing = ", ".join(f"{j.id[:12]} is {j.state}" for j in refused)
+        raise StateError(f"only failed, diverged or cancelled jobs can be retried: {listing}")
+    for job in jobs:
+        session.execute(delete(Epoch).where(Epoch.job_id == job.id))
+        job.state = "queued"
+        job.attempts = 0
+        job.epochs_done = 0
+        job.last_loss = None
+        job.worker = None
+        job.lease_expires_at = None
+        job.cancel_requested = False
+        job.error = None
+        job.checkpoint = None
+        job.result = None
+        job.published_at = None
+        job.started_at = None
+        job.finished_at = None
+    session.flush()
+    return jobs
+
+
+# -- reconcile ------------------------------------------------------------------------------
+
+
+@dataclass
+class Reconciled:
+    requeued: list[str]
+    failed: list[str]
+
+
+def reclaim_expired(*, session: Session) -> Reconciled:
+    """Running jobs whose lease lapsed go back to queued (or fail past the attempt cap)."""
+    now = utcnow()
+    report = Reconciled(requeued=[], failed=[])
+    expired = session.execute(
+        select(Job.id, Job.attempts, Job.max_attempts).where(
+            (Job.state == "running") & (Job.lease_expires_at < now)
+        )
+    ).all()
+    for job_id, attempts, max_attempts in expired:
+        fence = (
+            (Job.id == job_id)
+            & (Job.state == "running")
+            & (Job.attempts == attempts)
+            & (Job.lease_expires_at < now)
+        )
+        if attempts >= max_attempts:
+            values: dict[str, Any] = {
+                "state": "failed",
+                "error": f"worker lost: {attempts} attempts, the limit",
+                "finished_at": now,
+            }
+        else:
+            values = {"state": "queued", "published_at": None}
+        values.update(worker=None, lease_expires_at=None)
+        if session.execute(update(Job).where(fence).values(**values)).rowcount == 1:  # type: ignore[attr-defined]
+            (report.failed if attempts >= max_attempts else report.requeued).append(job_id)
+    return report
+
+
+def jobs_to_publish(
+    *, session: Session, held: set[str] | None, grace_seconds: float = 10.0
+) -> list[tuple[str, str]]:
+    """Queued jobs that need a message: never published, or (when the broker's contents are
+    known) published over ``grace_seconds`` ago and no longer held by the broker."""
+    condition = Job.published_at.is_(None)
+    if held is not None:
+        cutoff = utcnow() - dt.timedelta(seconds=grace_seconds)
+        condition = or_(condition, Job.published_at < cutoff)
+    rows = session.execute(
+        select(Job.id, Job.queue).where((Job.state == "queued") & condition)
+    ).all()
+    return [(job_id, queue) for job_id, queue in rows if held is None or job_id not in held]
+
+
+# -- queries --------------------------------------------------------------------------------
+
+
+def resolve_ids(refs: Iterable[str], *, session: Session) -> list[str]:
+    """Full job ids from ids or unique prefixes (as git resolves short hashes)."""
+    out: list[str] = []
+    for ref in refs:
+        ref = ref.strip().lower()
+        if not ref or not all(c in "0123456789abcdef" for c in ref):
+            raise NotFoundError(f"job id {ref!r}: not a hex id or prefix")
+        matches = session.scalars(
+            select(Job.id).where(Job.id.startswith(ref, autoescape=True)).limit(2)
+        ).all()
+        if not matches:
+            raise NotFoundError(f"job id {ref!r}: no such job")
+        if len(matches) > 1:
+            raise NotFoundError(f"job id {ref!r}: ambiguous, give more characters")
+        out.append(matches[0])
+    return list(dict.fromkeys(out))
+
+
+def resolve_sweep(ref: str, *, session: Session) -> str:
+    ref = ref.strip().lower()
+    matches = session.scalars(
+        select(Sweep.id).where(Sweep.id.startswith(ref, autoescape=True)).limit(2)
+    ).all()
+    if len(matches) != 1:
+        raise NotFoundError(
+            f"sweep id {ref!r}: " + ("no such sweep" if not matches else "ambiguous")
+        )
+    return matches[0]
+
+
+def find_jobs(
+    *,
+    session: Session,
+    ids: Sequence[str] | None = None,
+    state: str | None = None,
+    sweep_id: str | None = None,
+    name: str | None = None,
+    limit: int | None = None,
+) -> list[Job]:
+    """Jobs by ids, state, sweep or name, oldest first."""
+    query = select(Job)
+    if ids is not None:
+        query = query.where(Job.id.in_(ids))
+    if state is not None:
+        query = query.where(Job.state == state)
+    if sweep_id is not None:
+        query = query.where(Job.sweep_id == sweep_id)
+    if name is not None:
+        query = query.where(Job.name == name)
+    query = query.order_by(Job.created_at, Job.id)
+    if limit is not None:
+        query = query.order_by(None).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        return list(reversed(session.scalars(query).all()))
+    return list(session.scalars(query))
+
+
+#: The summary fields a results row carries, in order.
+SUMMARY_FIELDS = (
+    "epochs_done",
+    "train_loss",
+    "best_loss",
+    "final_loss",
+    "test_loss",
+    "r2",
+    "test_r2",
+    "optimum_loss",
+    "optimum_gap",
+    "coef_error",
+    "weights",
+    "bias",
+    "train_seconds",
+    "device",
+)
+
+
+def result_row(job: Job) -> dict[str, Any]:
+    """One job as a flat row: identity, state, the spec's parameters and the summary."""
+    from service.spec import flatten
+
+    row: dict[str, Any] = {
+        "id": job.id,
+        "name": job.name,
+        "sweep_id": job.sweep_id,
+        "state": job.state,
+        "attempts": job.attempts,
+        "error": job.error,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+    }
+    summary = job.result or {}
+    for key in SUMMARY_FIELDS:
+        row[key] = summary.get(key)
+    row["epochs_done"] = job.epochs_done
+    row.update({f"spec.{k}": v for k, v in flatten(job.spec).items()})
+    return row
+
+
+def results_frame(jobs: Sequence[Job]) -> pd.DataFrame:
+    """One row per job: spec parameters flattened into columns, and the summary."""
+    import pandas as pd
+
+    return pd.DataFrame([result_row(job) for job in jobs])
+
+
+def history_rows(job_ids: Sequence[str], *, session: Session) -> list[Epoch]:
+    """Every epoch of many jobs in one query, ordered by job then epoch."""
+    if not job_ids:
+        return []
+    return list(
+        session.scalars(
+            select(Epoch).where(Epoch.job_id.in_(job_ids)).order_by(Epoch.job_id, Epoch.epoch)
+        )
+    )
+
+
+def history_frame(job_ids: Sequence[str], *, session: Session) -> pd.DataFrame:
+    """Long format (job_id, epoch, train_loss, test_loss, seconds) for many jobs at once."""
+    import pandas as pd
+
+    rows = history_rows(job_ids, session=session)
+    return pd.DataFrame(
+        [
+            {
+                "job_id": r.job_id,
+                "epoch": r.epoch,
+                "train_loss": r.train_loss,
+                "test_loss": r.test_loss,
+                "seconds": r.seconds,
+            }
+            for r in rows
+        ],
+        columns=["job_id", "epoch", "train_loss", "test_loss", "seconds"],
+    )
+
+
+def queue_counts(*, session: Session) -> dict[str, int]:
+    """Jobs per state."""
+    return {
+        state: count
+        for state, count in session.execute(select(Job.state, func.count()).group_by(Job.state))
+    }

@@ -1,0 +1,112 @@
+"""Turning a spec file (plus --set and --grid) into recorded jobs, refusing bad input first."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from service import jobs, spec
+from service.errors import DataError, InputError
+from service.models import Dataset, Job
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Submission:
+    jobs: list[Job]
+    sweep_id: str | None
+
+
+def _resolve_data(
+    job: spec.JobSpec,
+    *,
+    session: Session,
+    settings: Settings,
+    tables: dict[str, Any],
+) -> spec.JobSpec:
+    """The spec with its data pinned to a registered dataset (files are registered here)."""
+    from service import datasets
+
+    data = job.data
+    if data.synthetic is not None:
+        spec.check_limits(job, settings)
+        return job
+    if data.path is not None:
+        table = tables.get(data.path)
+        if table is None:
+            path = datasets.safe_path(data.path, settings.resolved_data_dir())
+            table = datasets.read_table(
+                path,
+                target=data.target or "",
+                features=data.features,
+                max_bytes=settings.max_dataset_bytes,
+                max_rows=settings.max_rows,
+                max_features=settings.max_features,
+            )
+            tables[data.path] = table
+        dataset = jobs.register_dataset(table, name=Path(data.path).name, session=session)
+    else:
+        assert data.dataset is not None
+        dataset = jobs.find_dataset(data.dataset, session=session)
+    return _pin(job, dataset, settings)
+
+
+def _pin(job: spec.JobSpec, dataset: Dataset, settings: Settings) -> spec.JobSpec:
+    data = job.data
+    if data.target is not None and data.target != dataset.target:
+        raise DataError(
+            f"data.target: dataset {dataset.name!r} has target {dataset.target!r}, "
+            f"not {data.target!r}"
+        )
+    features = list(data.features or dataset.features)
+    unknown = [f for f in features if f not in dataset.features]
+    if unknown:
+        raise DataError(f"data.features: {', '.join(map(repr, unknown))} not in dataset columns")
+    rows = dataset.n_rows
+    spec.check_limits(job, settings, rows=rows, features=len(features))
+    train_rows = rows
+    if data.test is not None and data.test.fraction is not None:
+        train_rows -= spec.held_out_rows(rows, data.test.fraction)
+    if job.batch_size is not None and job.batch_size > train_rows:
+        raise DataError(f"batch_size: {job.batch_size} is more than the {train_rows} training rows")
+    init = job.model.init
+    if isinstance(init, spec.ExplicitInit) and len(init.weights) != len(features):
+        raise DataError(
+            f"model.init.weights: expected {len(features)} values (the features), "
+            f"got {len(init.weights)}"
+        )
+    document = job.to_json()
+    document["data"].update(
+        path=None, dataset=dataset.id, target=dataset.target, features=features
+    )
+    return spec.JobSpec.model_validate(document)
+
+
+def submit(
+    document: dict[str, Any],
+    *,
+    overrides: Sequence[str],
+    grid: Sequence[str],
+    queue: str | None,
+    settings: Settings,
+    session: Session,
+) -> Submission:
+    """Validate everything, register data files, then insert the jobs (not yet published)."""
+    document = spec.apply_overrides(document, overrides)
+    specs = spec.expand(document, grid, max_points=settings.max_grid_points)
+    if queue is not None and not queue.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--queue: {queue!r} is not a queue name")
+    tables: dict[str, Any] = {}
+    pinned = [_resolve_data(s, session=session, settings=settings, tables=tables) for s in specs]
+    created = jobs.create_jobs(
+        pinned,
+        session=session,
+        max_attempts=settings.max_attempts,
+        queue=queue,
+        sweep=(document, list(grid)) if grid else None,
+    )
+    return Submission(jobs=created, sweep_id=created[0].sweep_id if grid else None)

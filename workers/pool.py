@@ -1,0 +1,85 @@
+"""Starting workers: one Celery worker here, or one worker process per GPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from service.errors import DeviceError
+from service.queue import make_app
+from service.settings import Settings
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the CUDA devices this host has; DeviceError where there are none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError("--gpus: CUDA is not available on this host (no GPU or no CUDA build)")
+    return list(range(torch.cuda.device_count()))
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    queues: Sequence[str],
+    concurrency: int,
+    name: str | None,
+    loglevel: str,
+) -> None:
+    """Run a Celery worker in this process until it is stopped."""
+    from workers.tasks import register_tasks
+
+    if "gpu" in queues:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DeviceError("--queues gpu: CUDA is not available on this host")
+    app = make_app(settings)
+    register_tasks(app, settings)
+    nodename = name or f"lrq-{'-'.join(queues)}@{socket.gethostname()}"
+    app.worker_main(
+        [
+            "worker",
+            f"--queues={','.join(queues)}",
+            f"--concurrency={concurrency}",
+            f"--hostname={nodename}",
+            f"--loglevel={loglevel}",
+            "--without-gossip",
+            "--without-mingle",
+            "--optimization=fair",
+        ]
+    )
+
+
+def run_gpu_pool(gpus: Sequence[int], *, queues: Sequence[str], loglevel: str) -> int:
+    """One worker process per GPU, each seeing only its own device; returns when all exit."""
+    if not gpus:
+        raise DeviceError("--gpus: no GPUs to start workers on")
+    host = socket.gethostname()
+    children: list[subprocess.Popen[bytes]] = []
+    for gpu in gpus:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+        command = [
+            sys.executable, "-m", "service.cli", "worker",
+            f"--queues={','.join(queues)}", "--concurrency=1",
+            f"--name=lrq-gpu{gpu}@{host}", f"--loglevel={loglevel}",
+        ]  # fmt: skip
+        children.append(subprocess.Popen(command, env=env))
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while any(child.poll() is None for child in children):
+        time.sleep(0.5)
+    return max(child.returncode or 0 for child in children)

@@ -1,0 +1,294 @@
+"""The Celery task: claim, load data, run the engine, record, finish. Thin glue."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from billiard.exceptions import SoftTimeLimitExceeded, WorkerLostError
+from celery import Celery, signals
+from celery.worker.request import Request
+from sqlalchemy import exc as sa_exc
+
+from service import db, jobs
+from service.dispatch import reconcile_once
+from service.errors import DataError, LrqError
+from service.models import Dataset
+from service.settings import Settings
+from service.spec import JobSpec
+from workers.engines.base import Checkpoint, EpochRecord, RunResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: How long a worker keeps retrying a database write before giving the job up to a reclaim.
+DB_RETRY_SECONDS = 120.0
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError)
+
+
+def with_db_retries(action: Callable[[], T], *, what: str) -> T:
+    """Run a database action, retrying through a restarting or unreachable database."""
+    deadline = time.monotonic() + DB_RETRY_SECONDS
+    pause = 0.25
+    while True:
+        try:
+            return action()
+        except _TRANSIENT as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying", what, type(exc).__name__)
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+
+
+class Recorder:
+    """Buffers epochs and writes them with a checkpoint every N epochs or T seconds."""
+
+    def __init__(self, claim: jobs.Claim, settings: Settings) -> None:
+        self.claim = claim
+        self.settings = settings
+        self.url = settings.resolved_database_url()
+        self.pending: list[jobs.EpochRow] = []
+        self.last_flush = time.monotonic()
+        self.cancel_requested = False
+        self.lease_lost = False
+
+    def on_epoch(self, record: EpochRecord, snapshot: Callable[[], Checkpoint]) -> None:
+        self.pending.append(
+            jobs.EpochRow(record.epoch, record.train_loss, record.test_loss, record.seconds)
+        )
+        due = len(self.pending) >= self.settings.record_every_epochs or (
+            time.monotonic() - self.last_flush >= self.settings.record_every_seconds
+        )
+        if due:
+            self.flush(snapshot())
+
+    def flush(self, checkpoint: Checkpoint | None) -> None:
+        rows = list(self.pending)
+
+        def write() -> jobs.Progress:
+            with db.transaction(self.url) as session:
+                return jobs.record_epochs(
+                    self.claim.job_id,
+                    rows,
+                    attempt=self.claim.attempt,
+                    checkpoint=checkpoint,
+                    session=session,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+
+        try:
+            progress = with_db_retries(write, what=f"job {self.claim.job_id}: record")
+        except jobs.LeaseLostError:
+            self.lease_lost = True
+            return
+        self.pending.clear()
+        self.last_flush = time.monotonic()
+        self.cancel_requested = progress.cancel_requested
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested or self.lease_lost
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease while an epoch runs longer than the lease would last."""
+
+    def __init__(self, claim: jobs.Claim, settings: Settings, recorder: Recorder) -> None:
+        super().__init__(name=f"lease-{claim.job_id[:8]}", daemon=True)
+        self.claim, self.settings, self.recorder = claim, settings, recorder
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        url = self.settings.resolved_database_url()
+        while not self.stopped.wait(self.settings.lease_seconds / 3):
+            try:
+                with db.transaction(url) as session:
+                    held = jobs.renew_lease(
+                        self.claim.job_id,
+                        attempt=self.claim.attempt,
+                        session=session,
+                        lease_seconds=self.settings.lease_seconds,
+                    )
+            except _TRANSIENT:
+                continue  # the next renewal tries again; the recorder retries its own writes
+            if not held:
+                self.recorder.lease_lost = True
+                return
+
+
+def load_train_data(spec: JobSpec, dataset_id: str | None, settings: Settings) -> Any:
+    """The spec's arrays: synthetic draws, or a registered dataset read from the database."""
+    from service.datasets import Table, decode
+    from workers.data import build_train_data
+
+    if spec.data.path is not None:
+        # Workers never read files: submit registers them, so a path here is refused.
+        raise DataError("data.path: a worker reads registered datasets only; submit the spec")
+    if spec.data.synthetic is not None:
+        return build_train_data(spec)
+    if dataset_id is None:
+        raise DataError("data.dataset: the job names no registered dataset")
+
+    def fetch() -> bytes | None:
+        with db.transaction(settings.resolved_database_url()) as session:
+            dataset = session.get(Dataset, dataset_id)
+            return None if dataset is None else dataset.content
+
+    blob = with_db_retries(fetch, what=f"dataset {dataset_id[:12]}: load")
+    if blob is None:
+        raise DataError(f"data.dataset: {dataset_id} is not in the database")
+    table = decode(blob)
+    features = spec.data.features or table.columns
+    index = [table.columns.index(name) for name in features]
+    table = Table(columns=list(features), target=table.target, x=table.x[:, index], y=table.y)
+    return build_train_data(spec, table=table)
+
+
+def execute_job(job_id: str, settings: Settings) -> str:
+    """Run one job to a terminal state (or give it up to a reclaim); returns the outcome."""
+    from workers import engines
+
+    url = settings.resolved_database_url()
+
+    def claim_it() -> jobs.Claim | None:
+        with db.transaction(url) as session:
+            return jobs.claim_job(
+                job_id,
+                session=session,
+                worker=jobs.worker_identity(),
+                lease_seconds=settings.lease_seconds,
+            )
+
+    claim = with_db_retries(claim_it, what=f"job {job_id}: claim")
+    if claim is None:
+        return "skipped"
+    recorder = Recorder(claim, settings)
+    keeper = LeaseKeeper(claim, settings, recorder)
+    keeper.start()
+    state, error, result = "failed", None, None
+    try:
+        spec = JobSpec.model_validate(claim.spec)
+        data = load_train_data(spec, claim.dataset_id, settings)
+        run: RunResult = engines.train(
+            spec,
+            data,
+            on_epoch=recorder.on_epoch,
+            should_stop=recorder.should_stop,
+            resume=claim.checkpoint,
+        )
+        state, result = run.status, run.summary
+    except SoftTimeLimitExceeded:
+        error = f"timed out: the soft time limit of {settings.soft_time_limit:g}s"
+    except LrqError as exc:
+        error = str(exc)
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        error = f"{type(exc).__name__}: {exc}"
+    finally:
+        keeper.stopped.set()
+    if recorder.lease_lost:
+        log.warning("job %s: attempt %d lost its lease; stopping", job_id, claim.attempt)
+        return "lease lost"
+
+    def finish() -> None:
+        with db.transaction(url) as session:
+            jobs.finish_job(
+                job_id,
+                attempt=claim.attempt,
+                state=state,
+                rows=recorder.pending,
+                result=result,
+                error=error,
+                session=session,
+            )
+
+    try:
+        with_db_retries(finish, what=f"job {job_id}: finish")
+    except jobs.LeaseLostError:
+        return "lease lost"
+    return state
+
+
+# -- Celery glue ----------------------------------------------------------------------------
+
+
+def _job_id(request: Request) -> str | None:
+    args = request.args
+    return str(args[0]) if args else None
+
+
+class JobRequest(Request):  # type: ignore[misc]
+    """Runs in the worker's main process: it sees a pool process die or overrun its time."""
+
+    settings: Settings
+
+    def _holder(self) -> str:
+        return f"{socket.gethostname()}:{self.worker_pid}"
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        job_id = _job_id(self)
+        if soft or job_id is None:
+            return
+        url = self.settings.resolved_database_url()
+        with db.transaction(url) as session:
+            jobs.fail_job(
+                job_id,
+                error=f"timed out: the hard time limit of {timeout:g}s",
+                worker=self._holder(),
+                session=session,
+            )
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+        exc = getattr(exc_info.exception, "exc", exc_info.exception)
+        job_id = _job_id(self)
+        if isinstance(exc, WorkerLostError | SystemExit) and job_id and self.worker_pid:
+            # The process holding the lease is gone: free the job now, not when the lease
+            # lapses, so the requeued message can claim it at once.
+            with db.transaction(self.settings.resolved_database_url()) as session:
+                jobs.release_job(job_id, worker=self._holder(), session=session)
+        return super().on_failure(exc_info, send_failed_event, return_ok)
+
+
+_reconciler_started = threading.Event()
+
+
+def start_reconciler(app: Celery, settings: Settings) -> threading.Thread:
+    """A daemon thread in the worker's main process running reconcile passes."""
+
+    def loop() -> None:
+        while True:
+            try:
+                reconcile_once(app, settings)
+            except Exception as exc:  # the broker or database is down: try next pass
+                log.warning("reconcile pass failed: %s", exc)
+            time.sleep(settings.reconcile_interval)
+
+    thread = threading.Thread(target=loop, name="lrq-reconciler", daemon=True)
+    thread.start()
+    return thread
+
+
+def register_tasks(app: Celery, settings: Settings, *, reconcile: bool = True) -> None:
+    """Attach the job task (and the worker's process hooks) to an app."""
+    request_class = type("BoundJobRequest", (JobRequest,), {"settings": settings})
+
+    @app.task(name="lrq.run_job", bind=True, Request=request_class, acks_late=True)  # type: ignore[untyped-decorator]
+    def run_job(self: Any, job_id: str) -> str:
+        return execute_job(str(job_id), settings)
+
+    @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _fresh_engines(**_: Any) -> None:
+        db.dispose_all(close=False)  # never reuse a pool inherited across fork
+
+    if reconcile:
+
+        @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+        def _reconcile(**_: Any) -> None:
+            if not _reconciler_started.is_set():
+                _reconciler_started.set()
+                start_reconciler(app, settings)
