@@ -94,8 +94,10 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> 
         writer.writerow(columns)
         for row in rows:
             writer.writerow(
-                [json.dumps(row.get(c)) if isinstance(row.get(c), list) else _cell(row.get(c))
-                 for c in columns]
+                [
+                    json.dumps(row.get(c)) if isinstance(row.get(c), list) else _cell(row.get(c))
+                    for c in columns
+                ]
             )
         return buffer.getvalue().rstrip("\n")
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
@@ -161,9 +163,22 @@ def run(spec_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
 
 
 def _print_summary(name: str, summary: dict[str, Any]) -> None:
-    keys = ("status", "epochs_done", "train_loss", "final_loss", "test_loss", "r2", "test_r2",
-            "optimum_loss", "optimum_gap", "coef_error", "weights", "bias", "train_seconds",
-            "device")
+    keys = (
+        "status",
+        "epochs_done",
+        "train_loss",
+        "final_loss",
+        "test_loss",
+        "r2",
+        "test_r2",
+        "optimum_loss",
+        "optimum_gap",
+        "coef_error",
+        "weights",
+        "bias",
+        "train_seconds",
+        "device",
+    )
     click.echo(f"{name}:")
     for key in keys:
         if key in summary:
@@ -263,7 +278,11 @@ def _status_row(job: Any) -> dict[str, Any]:
 
 
 def _select(
-    refs: Sequence[str], state: str | None, sweep: str | None, name: str | None, url: str,
+    refs: Sequence[str],
+    state: str | None,
+    sweep: str | None,
+    name: str | None,
+    url: str,
     limit: int | None = None,
 ) -> list[Any]:
     with db.transaction(url) as session:
@@ -308,8 +327,17 @@ def status(
 
 
 RESULT_COLUMNS = (
-    "id", "name", "state", "epochs_done", "train_loss", "test_loss", "optimum_loss",
-    "optimum_gap", "weights", "bias", "train_seconds",
+    "id",
+    "name",
+    "state",
+    "epochs_done",
+    "train_loss",
+    "test_loss",
+    "optimum_loss",
+    "optimum_gap",
+    "weights",
+    "bias",
+    "train_seconds",
 )
 
 
@@ -336,8 +364,10 @@ def results(
     if history:
         with db.transaction(url) as session:
             frame = jobs.history_frame([j.id for j in found], session=session)
-        rows = frame.to_dict("records")
-        columns: Sequence[str] = list(frame.columns)
+        rows: list[dict[str, Any]] = [
+            {str(k): v for k, v in record.items()} for record in frame.to_dict("records")
+        ]
+        columns: Sequence[str] = [str(c) for c in frame.columns]
     else:
         rows = [jobs.result_row(j) for j in found]
         columns = list(rows[0]) if rows and all_columns else list(RESULT_COLUMNS)
@@ -418,12 +448,16 @@ def _parse_gpus(value: str | None) -> list[int] | None:
 
 
 @main.command()
-@click.option("--queues", default=None, help="Comma-separated queues [default: cpu, or gpu with --gpus].")
+@click.option(
+    "--queues", default=None, help="Comma-separated queues [default: cpu, or gpu with --gpus]."
+)
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--gpus", default=None, help="'all' or indices: one worker process per GPU.")
 @click.option("--name", default=None, help="Worker name (default: lrq-<queues>@<host>).")
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(queues: str | None, concurrency: int, gpus: str | None, name: str | None, loglevel: str) -> None:
+def worker(
+    queues: str | None, concurrency: int, gpus: str | None, name: str | None, loglevel: str
+) -> None:
     """Run a worker on this host (or a pool of GPU workers with --gpus)."""
     from workers.pool import run_gpu_pool, run_worker
 
@@ -493,7 +527,9 @@ def datasets_add(file: str, target: str, features: str | None, name: str | None)
     )
     with db.transaction(url) as session:
         dataset = jobs.register_dataset(table, name=name or path.name, session=session)
-        click.echo(f"{dataset.id}  {dataset.name}  {dataset.n_rows} rows  {len(dataset.features)} features")
+        click.echo(
+            f"{dataset.id}  {dataset.name}  {dataset.n_rows} rows  {len(dataset.features)} features"
+        )
 
 
 @datasets.command("list")
@@ -533,12 +569,16 @@ def info() -> None:
         db.check_schema(url)
         with db.transaction(url) as session:
             counts = jobs.queue_counts(session=session)
-        click.echo("jobs      " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"))
+        click.echo(
+            "jobs      " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+        )
     except LrqError as exc:
         click.echo(f"jobs      unavailable: {exc}")
     try:
         lengths = queue_lengths(app)
-        click.echo("queues    " + ", ".join(f"{k} {'?' if v is None else v}" for k, v in lengths.items()))
+        click.echo(
+            "queues    " + ", ".join(f"{k} {'?' if v is None else v}" for k, v in lengths.items())
+        )
         workers = live_workers(app)
         click.echo("workers   " + (", ".join(workers) if workers else "none answering"))
     except Exception as exc:
@@ -568,7 +608,9 @@ def plot(refs: tuple[str, ...], sweep: str | None, output: str, log_scale: bool)
     names = {j.id: j.name for j in found}
     figure, axis = plt.subplots(figsize=(8, 5))
     for job_id, group in frame.groupby("job_id"):
-        axis.plot(group["epoch"], group["train_loss"], label=f"{names[str(job_id)]} ({str(job_id)[:8]})")
+        axis.plot(
+            group["epoch"], group["train_loss"], label=f"{names[str(job_id)]} ({str(job_id)[:8]})"
+        )
     if log_scale:
         axis.set_yscale("log")
     axis.set_xlabel("epoch")
@@ -580,8 +622,12 @@ def plot(refs: tuple[str, ...], sweep: str | None, output: str, log_scale: bool)
 
 
 @main.command()
-@click.option("--home", type=click.Path(file_okay=False), default=None,
-              help="Directory for the demo's database and broker (default: <lrq home>/demo).")
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory for the demo's database and broker (default: <lrq home>/demo).",
+)
 def demo(home: str | None) -> None:
     """Run the tutorial's two jobs through submit, queue, worker and database, in one process."""
     from service.demo import run_demo

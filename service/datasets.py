@@ -87,7 +87,8 @@ def safe_path(path: str | Path, data_dir: Path) -> Path:
 
 def _read_bytes(path: Path, max_bytes: int) -> bytes:
     # O_NOFOLLOW and fstat on the open descriptor: the file checked is the file read.
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    # O_NONBLOCK: opening a FIFO put in a file's place must not hang the reader.
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
     except OSError as exc:

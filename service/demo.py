@@ -85,8 +85,14 @@ def run_demo(home: Path, *, echo: Callable[[str], Any], timeout: float = 600.0) 
     for job_id, queue in pairs:
         echo(f"submitted {job_id} to the {queue} queue")
     ids = [job_id for job_id, _ in pairs]
-    with start_worker(app, pool="solo", perform_ping_check=False, loglevel="WARNING",
-                      queues=["cpu"], shutdown_timeout=30):
+    with start_worker(
+        app,
+        pool="solo",
+        perform_ping_check=False,
+        loglevel="WARNING",
+        queues=["cpu"],
+        shutdown_timeout=30,
+    ):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with db.transaction(url) as session:

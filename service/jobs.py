@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -192,22 +192,17 @@ def _holder_is_dead_here(worker: str | None) -> bool:
     return False
 
 
-def claim_job(
-    job_id: str, *, session: Session, worker: str, lease_seconds: float
-) -> Claim | None:
+def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: float) -> Claim | None:
     """Take a job for one attempt, or None when it is not ours to run now."""
     job = session.get(Job, job_id)
     if job is None:
         return None
     now = utcnow()
-    if job.state == "queued":
-        pass
-    elif job.state == "running" and (
+    lapsed = job.state == "running" and (
         (job.lease_expires_at is not None and job.lease_expires_at < now)
         or _holder_is_dead_here(job.worker)
-    ):
-        pass
-    else:
+    )
+    if job.state != "queued" and not lapsed:
         return None  # running elsewhere under a live lease, or finished: a duplicate message
     # Read before the UPDATEs: the session synchronises ``job`` with what they write.
     seen, spec, checkpoint, dataset_id = job.attempts, job.spec, job.checkpoint, job.dataset_id
@@ -492,7 +487,7 @@ def jobs_to_publish(
 ) -> list[tuple[str, str]]:
     """Queued jobs that need a message: never published, or (when the broker's contents are
     known) published over ``grace_seconds`` ago and no longer held by the broker."""
-    condition = Job.published_at.is_(None)
+    condition: ColumnElement[bool] = Job.published_at.is_(None)
     if held is not None:
         cutoff = utcnow() - dt.timedelta(seconds=grace_seconds)
         condition = or_(condition, Job.published_at < cutoff)

@@ -198,12 +198,12 @@ class JobSpec(_Strict):
                     f"batch_size: {self.batch_size} is more than the "
                     f"{self.n_train_rows()} training rows"
                 )
-            if isinstance(self.model.init, ExplicitInit):
-                if len(self.model.init.weights) != synthetic.n_features:
-                    raise ValueError(
-                        f"model.init.weights: expected {synthetic.n_features} values "
-                        f"(data.synthetic.n_features), got {len(self.model.init.weights)}"
-                    )
+            init = self.model.init
+            if isinstance(init, ExplicitInit) and len(init.weights) != synthetic.n_features:
+                raise ValueError(
+                    f"model.init.weights: expected {synthetic.n_features} values "
+                    f"(data.synthetic.n_features), got {len(init.weights)}"
+                )
         return self
 
     @property
@@ -376,7 +376,9 @@ def set_path(document: dict[str, Any], parts: Sequence[str], value: Any, option:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise SpecError(f"{option} {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a mapping")
+            raise SpecError(
+                f"{option} {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is not a mapping"
+            )
         node = child
     node[parts[-1]] = value
 
@@ -437,7 +439,9 @@ def expand(
         try:
             specs.append(JobSpec.model_validate(point))
         except ValidationError as exc:
-            raise SpecError(f"grid point {', '.join(label)}: {format_validation_error(exc)}") from None
+            raise SpecError(
+                f"grid point {', '.join(label)}: {format_validation_error(exc)}"
+            ) from None
     return specs
 
 

@@ -80,9 +80,7 @@ def _pin(job: spec.JobSpec, dataset: Dataset, settings: Settings) -> spec.JobSpe
             f"got {len(init.weights)}"
         )
     document = job.to_json()
-    document["data"].update(
-        path=None, dataset=dataset.id, target=dataset.target, features=features
-    )
+    document["data"].update(path=None, dataset=dataset.id, target=dataset.target, features=features)
     return spec.JobSpec.model_validate(document)
 
 

@@ -243,7 +243,9 @@ class JobRequest(Request):  # type: ignore[misc]
                 session=session,
             )
 
-    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         job_id = _job_id(self)
         if isinstance(exc, WorkerLostError | SystemExit) and job_id and self.worker_pid:

@@ -1,0 +1,191 @@
+"""Helpers the integration and fault tests share: real servers and real worker processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from click.testing import CliRunner, Result
+
+T = TypeVar("T")
+REQUIRE_SERVICES = os.environ.get("LRQ_REQUIRE_SERVICES") == "1"
+
+
+def need(reason: str) -> None:
+    """Skip with the reason on a laptop; fail in CI, where every service must be present."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(check: Callable[[], T], *, timeout: float, what: str, every: float = 0.1) -> T:
+    """Poll until check() returns something truthy; fail naming what never happened."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port; it can be stopped and restarted."""
+
+    def __init__(self, workdir: Path, *, bind: str = "127.0.0.1") -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            need("redis-server is not installed")
+        self.binary = binary or "redis-server"
+        self.workdir = workdir
+        self.bind = bind
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.bind}:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                self.bind,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.ping, timeout=10, what=f"redis on port {self.port}")
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(host=self.bind, port=self.port, socket_timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(host=self.bind, port=self.port, socket_timeout=5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+
+class WorkerProcess:
+    """`lrq worker` as a real process, with its log kept for failure messages."""
+
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log: Path,
+        *,
+        queues: str = "cpu",
+        concurrency: int = 1,
+        name: str | None = None,
+        command: Sequence[str] | None = None,
+        netns: str | None = None,
+    ) -> None:
+        self.log = log
+        argv = list(command or [sys.executable, "-m", "service.cli", "worker"])
+        argv += [f"--queues={queues}", f"--concurrency={concurrency}", "--loglevel=INFO"]
+        if name:
+            argv.append(f"--name={name}")
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.handle = log.open("ab")
+        self.process = subprocess.Popen(
+            argv,
+            env=dict(env),
+            stdout=self.handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60) -> WorkerProcess:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                pytest.fail(f"worker exited with {self.process.returncode}:\n{self.text()[-3000:]}")
+            return " ready." in self.text()
+
+        wait_for(ready, timeout=timeout, what=f"worker ready (log {self.log})")
+        return self
+
+    def pool_pids(self) -> list[int]:
+        """Pids of this worker's pool processes (its children)."""
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole worker: main process and pool."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.process.wait(10)
+        self.kill(signal.SIGKILL)  # any pool process left behind
+        self.handle.close()
+
+
+def run_cli(*args: str, input: str | None = None) -> Result:
+    """Invoke `lrq` in this process with the current environment, settings read afresh."""
+    from service.cli import main
+
+    reset_caches()
+    result = CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+    reset_caches()
+    return result
+
+
+def reset_caches() -> None:
+    """Forget settings, the Celery app and engines, so a changed environment takes effect."""
+    from service import db
+    from service.queue import get_app
+    from service.settings import get_settings
+
+    get_settings.cache_clear()
+    get_app.cache_clear()
+    db.dispose_all()
