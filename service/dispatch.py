@@ -42,7 +42,7 @@ def reconcile_once(app: Celery, settings: Settings) -> ReconcileReport:
         reclaimed = jobs.reclaim_expired(session=session)
     report = ReconcileReport(requeued=reclaimed.requeued, failed=reclaimed.failed)
     try:
-        held = held_job_ids(app)
+        held = held_job_ids(app, stale_after=2 * settings.lease_seconds)
     except Exception as exc:
         raise BrokerError(f"cannot read the broker's queues: {type(exc).__name__}") from None
     with db.transaction(url) as session:

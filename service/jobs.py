@@ -485,16 +485,20 @@ def reclaim_expired(*, session: Session) -> Reconciled:
 def jobs_to_publish(
     *, session: Session, held: set[str] | None, grace_seconds: float = 10.0
 ) -> list[tuple[str, str]]:
-    """Queued jobs that need a message: never published, or (when the broker's contents are
-    known) published over ``grace_seconds`` ago and no longer held by the broker."""
+    """Queued jobs that need a message: never published (or reclaimed), or — when the broker's
+    contents are known — published over ``grace_seconds`` ago and no longer held by it."""
     condition: ColumnElement[bool] = Job.published_at.is_(None)
     if held is not None:
         cutoff = utcnow() - dt.timedelta(seconds=grace_seconds)
         condition = or_(condition, Job.published_at < cutoff)
     rows = session.execute(
-        select(Job.id, Job.queue).where((Job.state == "queued") & condition)
+        select(Job.id, Job.queue, Job.published_at).where((Job.state == "queued") & condition)
     ).all()
-    return [(job_id, queue) for job_id, queue in rows if held is None or job_id not in held]
+    return [
+        (job_id, queue)
+        for job_id, queue, published_at in rows
+        if published_at is None or held is None or job_id not in held
+    ]
 
 
 # -- queries --------------------------------------------------------------------------------

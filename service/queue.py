@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import ssl
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -159,8 +160,13 @@ def _job_id_of(raw: bytes | str) -> str | None:
         return None
 
 
-def held_job_ids(app: Celery, queues: Iterable[str] = QUEUES) -> set[str] | None:
-    """Job ids the broker holds (queued or delivered, unacked); None when it cannot tell."""
+def held_job_ids(
+    app: Celery, queues: Iterable[str] = QUEUES, *, stale_after: float = 120.0
+) -> set[str] | None:
+    """Job ids the broker holds: waiting in a queue, or delivered and unacked for less than
+    ``stale_after`` seconds (older ones may sit with a dead worker until the visibility
+    timeout, so they count as lost; a duplicate message is harmless). None when the broker
+    cannot tell."""
     if not str(app.conf.broker_url).startswith(("redis://", "rediss://")):
         return None
     client = _redis_client(app)
@@ -174,9 +180,11 @@ def held_job_ids(app: Celery, queues: Iterable[str] = QUEUES) -> set[str] | None
             job_id = _job_id_of(raw)
             if job_id:
                 held.add(job_id)
-    for raw in client.hvals("unacked"):
+    fresh = time.time() - stale_after
+    delivered = dict(client.zrange("unacked_index", 0, -1, withscores=True))
+    for tag, raw in client.hgetall("unacked").items():
         job_id = _job_id_of(raw)
-        if job_id:
+        if job_id and delivered.get(tag, 0.0) >= fresh:
             held.add(job_id)
     return held
 
