@@ -59,7 +59,7 @@ class Settings(BaseSettings):
         return f"sqlite:///{self.home / 'lrq.db'}"
 
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "filesystem://localhost//"
 
     def broker_folder(self) -> Path:
         return self.home / "broker"

@@ -291,7 +291,13 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem: ``optimizer.lr: must be > 0, got -1``."""
     lines = []
     for error in exc.errors():
-        loc = _location([*([prefix] if prefix else []), *error["loc"]])
+        parts = [*([prefix] if prefix else []), *error["loc"]]
+        if error["type"] == "extra_forbidden" and parts:
+            # The last part is the user's own key: name it even if it looks like a union tag.
+            parent = _location(parts[:-1])
+            loc = f"{parent}.{parts[-1]}" if parent else str(parts[-1])
+        else:
+            loc = _location(parts)
         message = _message(error)
         # A model-level check names its own field ("coefficients: ..."): join the two paths.
         head, sep, rest = message.partition(": ")
