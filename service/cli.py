@@ -26,11 +26,19 @@ class LrqGroup(click.Group):
     """Turns every LrqError into one readable line and its exit code, in one place."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from sqlalchemy.exc import DBAPIError
+
         try:
             return super().invoke(ctx)
         except LrqError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except DBAPIError as exc:
+            # The driver's own message only: SQLAlchemy's text would add statement parameters.
+            url = db.mask_url(get_settings().resolved_database_url())
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            click.echo(f"error: database {url}: {reason}", err=True)
+            ctx.exit(1)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -558,6 +566,8 @@ def datasets_list(fmt: str) -> None:
 @main.command()
 def info() -> None:
     """Where lrq points, queue lengths, live workers and jobs per state (no secrets shown)."""
+    from sqlalchemy.exc import DBAPIError
+
     from service.queue import live_workers, mask_broker_url, queue_lengths
 
     settings = _settings()
@@ -574,6 +584,8 @@ def info() -> None:
         )
     except LrqError as exc:
         click.echo(f"jobs      unavailable: {exc}")
+    except DBAPIError as exc:
+        click.echo(f"jobs      unavailable: {type(exc.orig or exc).__name__}")
     try:
         lengths = queue_lengths(app)
         click.echo(
