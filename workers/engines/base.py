@@ -19,6 +19,8 @@ Array = npt.NDArray[np.float64]
 #: A JSON-safe snapshot from which a run resumes exactly (see ``Checkpoint`` keys in engines).
 Checkpoint = dict[str, Any]
 Status = Literal["succeeded", "diverged", "cancelled"]
+#: Weights and bias (None without an intercept), as float64.
+Params = tuple[Array, float | None]
 
 
 @dataclass(frozen=True)

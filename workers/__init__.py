@@ -1,0 +1,1 @@
+"""The data plane: the Celery task, data materialisation and the training engines."""
