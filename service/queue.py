@@ -10,7 +10,7 @@ import ssl
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from celery import Celery
 from kombu import Queue  # type: ignore[attr-defined]
@@ -37,9 +37,31 @@ def mask_broker_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+def _verified_tls_url(url: str) -> str:
+    """A rediss:// URL without TLS options in its query, refusing any that weaken them.
+
+    Kombu lets ``ssl_*`` query options replace broker_use_ssl whole, so ``ssl_cert_reqs=none``
+    would switch verification off (and ``required`` would drop the CA file).
+    """
+    parts = urlsplit(url)
+    kept = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key.startswith("ssl_"):
+            if key == "ssl_cert_reqs" and value.lower() in ("required", "cert_required"):
+                continue
+            raise BrokerError(
+                f"LRQ_BROKER_URL: {key}={value} is not allowed: the broker's certificate is "
+                "always verified (set LRQ_BROKER_CA_FILE for a private CA)"
+            )
+        kept.append((key, value))
+    return urlunsplit(parts._replace(query=urlencode(kept)))
+
+
 def make_app(settings: Settings) -> Celery:
     """A Celery app for these settings; JSON only, late acks, one message at a time."""
     url = settings.resolved_broker_url()
+    if url.startswith("rediss://"):
+        url = _verified_tls_url(url)
     app = Celery("lrq", broker=url, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
     if url.startswith("filesystem://"):

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     #: Epoch rows are written (with a checkpoint) every N epochs or T seconds, whichever first.
     record_every_epochs: int = Field(50, gt=0)
     record_every_seconds: float = Field(2.0, gt=0)
+    #: Torch threads per pool process; 0 shares the host's cores among the pool's processes.
+    torch_threads: int = Field(0, ge=0)
     #: Seconds between a worker's reconciler passes.
     reconcile_interval: float = Field(30.0, gt=0)
 

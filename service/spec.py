@@ -28,6 +28,9 @@ from service.settings import Settings
 MAX_SPEC_BYTES = 1024 * 1024
 #: Deeper nesting than this is refused (no spec field nests past 4).
 MAX_SPEC_DEPTH = 16
+#: More values than this is refused: without YAML aliases a spec has fewer values than bytes,
+#: and aliases can multiply a few hundred bytes into billions of values.
+MAX_SPEC_VALUES = MAX_SPEC_BYTES
 
 
 def _refuse_bool(value: Any) -> Any:
@@ -321,6 +324,27 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
+def _count_values(value: Any, budget: int) -> int:
+    """Values in a document, counted (aliases included) until the budget runs out."""
+    stack, count = [value], 0
+    while stack and count <= budget:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def _check_shape(value: Any, source: str) -> None:
+    # Count first: walking an alias bomb for its depth would never finish.
+    if _count_values(value, MAX_SPEC_VALUES) > MAX_SPEC_VALUES:
+        raise SpecError(f"{source}: more than {MAX_SPEC_VALUES} values (YAML aliases?)")
+    if _depth(value) > MAX_SPEC_DEPTH:
+        raise SpecError(f"{source}: nested too deeply")
+
+
 def parse_document(raw: bytes, source: str = "spec") -> dict[str, Any]:
     """Decode a YAML or JSON document into a mapping, refusing what is not one."""
     if len(raw) > MAX_SPEC_BYTES:
@@ -341,8 +365,7 @@ def parse_document(raw: bytes, source: str = "spec") -> dict[str, Any]:
         raise SpecError(f"{source}: nested too deeply") from None
     if not isinstance(document, dict):
         raise SpecError(f"{source}: must be a mapping of fields, got {type(document).__name__}")
-    if _depth(document) > MAX_SPEC_DEPTH:
-        raise SpecError(f"{source}: nested too deeply")
+    _check_shape(document, source)
     for key in document:
         if not isinstance(key, str):
             raise SpecError(f"{source}: field names must be strings, got {key!r}")
@@ -365,6 +388,15 @@ def parse_value(text: str) -> Any:
         return yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
         return text
+
+
+def _parse_option_value(text: str, where: str) -> Any:
+    try:
+        value = parse_value(text)
+    except RecursionError:
+        raise SpecError(f"{where}: nested too deeply") from None
+    _check_shape(value, where)
+    return value
 
 
 def _split_assignment(item: str, option: str) -> tuple[list[str], str]:
@@ -394,7 +426,7 @@ def apply_overrides(document: dict[str, Any], overrides: Iterable[str]) -> dict[
     out = copy.deepcopy(document)
     for item in overrides:
         parts, value = _split_assignment(item, "--set")
-        set_path(out, parts, parse_value(value), "--set")
+        set_path(out, parts, _parse_option_value(value, f"--set {'.'.join(parts)}"), "--set")
     return out
 
 
@@ -416,7 +448,7 @@ def parse_grid(items: Iterable[str]) -> list[tuple[list[str], list[Any]]]:
         if key in seen:
             raise SpecError(f"--grid {key}: given twice")
         seen.add(key)
-        values = [parse_value(v) for v in raw.split(",")]
+        values = [_parse_option_value(v, f"--grid {key}") for v in raw.split(",")]
         if not raw.strip() or any(isinstance(v, str) and not v.strip() for v in values):
             raise SpecError(f"--grid {key}: empty value in {raw!r}")
         axes.append((parts, values))

@@ -189,3 +189,53 @@ def reset_caches() -> None:
     get_settings.cache_clear()
     get_app.cache_clear()
     db.dispose_all()
+
+
+# -- jobs through the CLI and the database ----------------------------------------------------
+
+FINISHED = ("succeeded", "failed", "diverged", "cancelled")
+
+
+def submit_ids(*args: str) -> list[str]:
+    """`lrq submit ARGS -q` in this process; the ids of the jobs it recorded."""
+    result = run_cli("submit", *args, "-q")
+    assert result.exit_code == 0, result.output
+    return result.stdout.split()
+
+
+def load_jobs(url: str, ids: Sequence[str] | None = None) -> list[Any]:
+    """Job rows (all of them when ids is None), oldest first."""
+    from service import db, jobs
+
+    with db.transaction(url) as session:
+        return jobs.find_jobs(session=session, ids=None if ids is None else list(ids))
+
+
+def wait_jobs(
+    url: str,
+    ids: Sequence[str],
+    *,
+    timeout: float,
+    states: Sequence[str] = FINISHED,
+    workers: Sequence[WorkerProcess] = (),
+) -> list[Any]:
+    """Poll until every job is in one of ``states``; fail with their states and worker logs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = load_jobs(url, ids)
+        if len(found) == len(set(ids)) and all(job.state in states for job in found):
+            return found
+        if time.monotonic() > deadline:
+            seen = ", ".join(f"{job.id[:8]} {job.state}" for job in found)
+            logs = "".join(f"\n--- {w.log}:\n{w.text()[-3000:]}" for w in workers)
+            wanted = "/".join(states)
+            pytest.fail(f"timed out after {timeout:g}s waiting for {wanted}: {seen}{logs}")
+        time.sleep(0.1)
+
+
+def epoch_losses(url: str, job_id: str) -> list[tuple[int, float]]:
+    """A job's stored (epoch, train_loss) rows in epoch order."""
+    from service import db, jobs
+
+    with db.transaction(url) as session:
+        return [(row.epoch, row.train_loss) for row in jobs.history_rows([job_id], session=session)]

@@ -42,7 +42,8 @@ def run_worker(
         if not torch.cuda.is_available():
             raise DeviceError("--queues gpu: CUDA is not available on this host")
     app = make_app(settings)
-    register_tasks(app, settings)
+    threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // concurrency)
+    register_tasks(app, settings, torch_threads=threads)
     nodename = name or f"lrq-{'-'.join(queues)}@{socket.gethostname()}"
     app.worker_main(
         [

@@ -275,7 +275,9 @@ def start_reconciler(app: Celery, settings: Settings) -> threading.Thread:
     return thread
 
 
-def register_tasks(app: Celery, settings: Settings, *, reconcile: bool = True) -> None:
+def register_tasks(
+    app: Celery, settings: Settings, *, reconcile: bool = True, torch_threads: int = 0
+) -> None:
     """Attach the job task (and the worker's process hooks) to an app."""
     request_class = type("BoundJobRequest", (JobRequest,), {"settings": settings})
 
@@ -284,8 +286,13 @@ def register_tasks(app: Celery, settings: Settings, *, reconcile: bool = True) -
         return execute_job(str(job_id), settings)
 
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _fresh_engines(**_: Any) -> None:
+    def _fresh_process(**_: Any) -> None:
         db.dispose_all(close=False)  # never reuse a pool inherited across fork
+        if torch_threads:
+            import torch
+
+            # Pool processes each taking every core slow each other down many times over.
+            torch.set_num_threads(torch_threads)
 
     if reconcile:
 
