@@ -84,6 +84,15 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _csv_cell(value: Any) -> str:
+    """A CSV field: floats in full (repr reads back exactly), lists as JSON."""
+    if isinstance(value, float):
+        return repr(float(value))  # a numpy float's repr names its type
+    if isinstance(value, list):
+        return json.dumps(value)
+    return _cell(value)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return value.isoformat()
@@ -101,12 +110,7 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> 
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(
-                [
-                    json.dumps(row.get(c)) if isinstance(row.get(c), list) else _cell(row.get(c))
-                    for c in columns
-                ]
-            )
+            writer.writerow([_csv_cell(row.get(c)) for c in columns])
         return buffer.getvalue().rstrip("\n")
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]

@@ -555,7 +555,7 @@ def find_jobs(
         query = query.where(Job.name == name)
     query = query.order_by(Job.created_at, Job.id)
     if limit is not None:
-        query = query.order_by(None).order_by(Job.created_at.desc(), Job.id).limit(limit)
+        query = query.order_by(None).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         return list(reversed(session.scalars(query).all()))
     return list(session.scalars(query))
 

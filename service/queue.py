@@ -213,6 +213,15 @@ def held_job_ids(
 
 def queue_lengths(app: Celery, queues: Iterable[str] = QUEUES) -> dict[str, int | None]:
     """Messages waiting per queue (None where the broker cannot say)."""
+    if str(app.conf.broker_url).startswith(("redis://", "rediss://")):
+        # An empty Redis list does not exist: a passive declare cannot tell it from a missing one.
+        client = _redis_client(app)
+        return {
+            name: sum(
+                client.llen(key) for key in [name, *client.scan_iter(match=f"{name}\x06\x16*")]
+            )
+            for name in queues
+        }
     out: dict[str, int | None] = {}
     with app.connection_for_read() as connection:
         channel = connection.default_channel

@@ -239,3 +239,62 @@ def epoch_losses(url: str, job_id: str) -> list[tuple[int, float]]:
 
     with db.transaction(url) as session:
         return [(row.epoch, row.train_loss) for row in jobs.history_rows([job_id], session=session)]
+
+
+# -- a password-protected Redis, and what bad input must leave unchanged -----------------------
+
+
+class PasswordRedisServer(RedisServer):
+    """A RedisServer that requires a password (``--requirepass``); its url carries it."""
+
+    def __init__(self, workdir: Path, *, password: str, bind: str = "127.0.0.1") -> None:
+        super().__init__(workdir, bind=bind)
+        self.password = password
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@{self.bind}:{self.port}/0"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [self.binary, "--port", str(self.port), "--bind", self.bind, "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(self.workdir)]
+        argv += ["--requirepass", self.password]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.ping, timeout=10, what=f"redis on port {self.port}")
+
+    def ping(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.client(timeout=1).ping())
+        except redis.RedisError:
+            return False
+
+    def client(self, timeout: float = 5) -> Any:
+        import redis
+
+        return redis.Redis(
+            host=self.bind, port=self.port, password=self.password, socket_timeout=timeout
+        )
+
+
+def state_counts(url: str, redis_client: Any) -> dict[str, int]:
+    """Rows per lrq table, messages on the cpu and gpu queues, unacked messages, Redis keys."""
+    from sqlalchemy import func, select
+
+    from service import db
+    from service.models import Dataset, Epoch, Job, Sweep
+
+    with db.transaction(url) as session:
+        out = {
+            model.__tablename__: int(session.scalar(select(func.count()).select_from(model)) or 0)
+            for model in (Job, Sweep, Dataset, Epoch)
+        }
+    db.dispose_all()
+    return out | {
+        "redis cpu": int(redis_client.llen("cpu")),
+        "redis gpu": int(redis_client.llen("gpu")),
+        "redis unacked": int(redis_client.hlen("unacked")),
+        "redis keys": int(redis_client.dbsize()),
+    }
