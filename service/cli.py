@@ -275,9 +275,9 @@ def submit(
 STATUS_COLUMNS = ("id", "name", "backend", "device", "state", "epoch", "last_loss", "worker", "age")
 
 
-def _status_row(job: Any) -> dict[str, Any]:
+def _status_row(job: Any, short: bool) -> dict[str, Any]:
     return {
-        "id": job.id[:12],
+        "id": job.id[:12] if short else job.id,
         "name": job.name,
         "backend": job.backend,
         "device": job.device,
@@ -329,7 +329,7 @@ def status(
     url = _url()
     while True:
         found = _select(refs, state, sweep, name, url, limit)
-        text = render([_status_row(j) for j in found], STATUS_COLUMNS, fmt)
+        text = render([_status_row(j, fmt == "table") for j in found], STATUS_COLUMNS, fmt)
         if watch and fmt == "table":
             click.clear()
         click.echo(text)

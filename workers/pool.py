@@ -59,14 +59,35 @@ def run_worker(
     )
 
 
+def gpu_assignments(gpus: Sequence[int], visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value for each requested index: indices count within the
+    devices this process may see (all of them when ``visible`` is unset)."""
+    if visible is None:
+        return [str(gpu) for gpu in gpus]
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    missing = [gpu for gpu in gpus if gpu >= len(devices)]
+    if missing:
+        raise DeviceError(
+            f"--gpus: index {missing[0]} is past the {len(devices)} visible device(s) "
+            f"(CUDA_VISIBLE_DEVICES={visible})"
+        )
+    return [devices[gpu] for gpu in gpus]
+
+
 def run_gpu_pool(gpus: Sequence[int], *, queues: Sequence[str], loglevel: str) -> int:
     """One worker process per GPU, each seeing only its own device; returns when all exit."""
     if not gpus:
         raise DeviceError("--gpus: no GPUs to start workers on")
+    count = len(visible_gpus())
+    missing = [gpu for gpu in gpus if gpu >= count]
+    if missing:
+        raise DeviceError(f"--gpus: no GPU {missing[0]} on this host ({count} visible)")
     host = socket.gethostname()
     children: list[subprocess.Popen[bytes]] = []
-    for gpu in gpus:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+    for gpu, device in zip(
+        gpus, gpu_assignments(gpus, os.environ.get("CUDA_VISIBLE_DEVICES")), strict=True
+    ):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
         command = [
             sys.executable, "-m", "service.cli", "worker",
             f"--queues={','.join(queues)}", "--concurrency=1",

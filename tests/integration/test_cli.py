@@ -108,7 +108,7 @@ def test_prefixes_and_every_output_format(lrq_env: dict[str, str], tmp_path: Pat
     as_json = json.loads(ok("status", "--sweep", sweep_id, "--format", "json"))
     assert [list(row) for row in as_json] == [STATUS_COLUMNS] * 17
     assert {row["id"]: row["last_loss"] for row in as_json} == {
-        i[:12]: found[i].last_loss for i in ids
+        i: found[i].last_loss for i in ids
     }
     as_csv = parse_csv(ok("status", "--format", "csv", "--state", "succeeded"))
     assert [{k: row[k] for k in ("id", "state", "epoch")} for row in as_csv] == [
