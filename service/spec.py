@@ -252,7 +252,8 @@ def _message(error: Mapping[str, Any]) -> str:
     }
     if kind in bounds:
         bound = next(iter(ctx.values()))
-        return f"must be {bounds[kind]} {bound:g}, got {_show(got)}"
+        shown = bound if isinstance(bound, int) else f"{bound:g}"  # 2**32, not 4.29497e+09
+        return f"must be {bounds[kind]} {shown}, got {_show(got)}"
     if kind == "extra_forbidden":
         return "unknown field"
     if kind == "missing":
