@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -294,8 +296,14 @@ def _location(parts: Iterable[Any]) -> str:
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """One line per problem: ``optimizer.lr: must be > 0, got -1``."""
     lines = []
-    for error in exc.errors():
+    errors = exc.errors()
+    for error in errors:
         parts = [*([prefix] if prefix else []), *error["loc"]]
+        here = _location(error["loc"])
+        if error["type"] == "literal_error" and any(
+            _location(other["loc"]).startswith(f"{here}.") for other in errors
+        ):
+            continue  # a union's other branch explains the problem more precisely
         if error["type"] == "extra_forbidden" and parts:
             # The last part is the user's own key: name it even if it looks like a union tag.
             parent = _location(parts[:-1])
@@ -386,9 +394,17 @@ def load_document(path: str | Path) -> dict[str, Any]:
 def parse_value(text: str) -> Any:
     """A command-line value, read as a YAML scalar or list: ``1e-3``, ``null``, ``[1, 2]``."""
     try:
-        return yaml.safe_load(text) if text.strip() else text
+        value = yaml.safe_load(text) if text.strip() else text
     except yaml.YAMLError:
         return text
+    if isinstance(value, dt.date):
+        return text  # no spec field is a date: ``2024-01-01`` is a name
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads ``1e3`` (no dot) as text
+    return value
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _parse_option_value(text: str, where: str) -> Any:
