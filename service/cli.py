@@ -175,22 +175,7 @@ def run(spec_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
 
 
 def _print_summary(name: str, summary: dict[str, Any]) -> None:
-    keys = (
-        "status",
-        "epochs_done",
-        "train_loss",
-        "final_loss",
-        "test_loss",
-        "r2",
-        "test_r2",
-        "optimum_loss",
-        "optimum_gap",
-        "coef_error",
-        "weights",
-        "bias",
-        "train_seconds",
-        "device",
-    )
+    keys = ("status", *jobs.SUMMARY_FIELDS)
     click.echo(f"{name}:")
     for key in keys:
         if key in summary:
