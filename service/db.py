@@ -36,6 +36,26 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _postgresql_session(dbapi_connection: Any, _record: Any) -> None:
+    from service.settings import get_settings
+
+    # A worker cut off inside a transaction keeps its job's row locked until TCP gives up,
+    # hours later, and every reconciler's reclaim of that job waits on the lock. The server
+    # drops such a session before the lease lapses: keepalives find a peer that is gone (even
+    # mid-statement), and lrq never idles inside a transaction, so a live but stuck one ends too.
+    lease = get_settings().lease_seconds
+    probe = max(1, int(lease / 8))
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"SET idle_in_transaction_session_timeout = {max(1000, int(lease * 500))}")
+    cursor.execute(f"SET tcp_keepalives_idle = {probe}")
+    cursor.execute(f"SET tcp_keepalives_interval = {probe}")
+    cursor.execute("SET tcp_keepalives_count = 3")
+    cursor.close()
+    dbapi_connection.autocommit = autocommit
+
+
 def get_engine(url: str) -> Engine:
     """The engine for a URL, made once per process (never inherited across a fork)."""
     key = (url, os.getpid())
@@ -49,6 +69,7 @@ def get_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800)
+            event.listen(engine, "connect", _postgresql_session)
         _engines[key] = engine
     return engine
 

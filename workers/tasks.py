@@ -186,8 +186,12 @@ def execute_job(job_id: str, settings: Settings) -> str:
     except LrqError as exc:
         error = str(exc)
     except Exception as exc:
-        log.exception("job %s failed", job_id)
-        error = f"{type(exc).__name__}: {exc}"
+        if isinstance(getattr(exc, "orig", None), SoftTimeLimitExceeded):
+            # The limit landed inside a statement (a record), and SQLAlchemy wrapped it.
+            error = f"timed out: the soft time limit of {settings.soft_time_limit:g}s"
+        else:
+            log.exception("job %s failed", job_id)
+            error = f"{type(exc).__name__}: {exc}"
     finally:
         keeper.stopped.set()
     if recorder.lease_lost:
