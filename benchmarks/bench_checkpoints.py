@@ -6,8 +6,8 @@ Each run of the example specs is timed twice, side by side and interleaved (the 
 alternating): ``engines.train`` alone, and ``engines.train`` with ``workers.tasks.Recorder``
 writing epoch rows and a checkpoint every ``record_every_epochs`` epochs or
 ``record_every_seconds`` seconds (the settings' defaults unless given), then ``finish_job``,
-as a worker does, against a real SQLite file (and PostgreSQL when it answers). It prints medians
-and their ratio; it asserts nothing.
+as a worker does after its claim, against a real SQLite file (and PostgreSQL when it answers).
+It prints medians, their ratio and the cost of one write; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -43,13 +43,8 @@ def load(name: str) -> JobSpec:
     return spec.validate(document)
 
 
-def engine_alone(job: JobSpec, data: TrainData, _settings: Settings) -> int:
-    engines.train(job, data)
-    return 0
-
-
-def engine_recorded(job: JobSpec, data: TrainData, settings: Settings) -> int:
-    """A fresh job claimed, trained under a Recorder and finished; returns the writes made."""
+def claimed_job(job: JobSpec, settings: Settings) -> jobs.Claim:
+    """A fresh job, claimed as a worker claims it (not timed)."""
     url = settings.resolved_database_url()
     with db.transaction(url) as session:
         (row,) = jobs.create_jobs([job], session=session, max_attempts=1)
@@ -59,6 +54,16 @@ def engine_recorded(job: JobSpec, data: TrainData, settings: Settings) -> int:
             job_id, session=session, worker="bench:0", lease_seconds=settings.lease_seconds
         )
     assert claim is not None
+    return claim
+
+
+def engine_alone(job: JobSpec, data: TrainData, _claim: jobs.Claim, _settings: Settings) -> int:
+    engines.train(job, data)
+    return 0
+
+
+def engine_recorded(job: JobSpec, data: TrainData, claim: jobs.Claim, settings: Settings) -> int:
+    """Train under a Recorder, then finish the job, as a worker does; returns the writes."""
     recorder = Recorder(claim, settings)
     writes = 0
     flush = recorder.flush
@@ -70,9 +75,9 @@ def engine_recorded(job: JobSpec, data: TrainData, settings: Settings) -> int:
 
     recorder.flush = counted  # type: ignore[method-assign]
     run = engines.train(job, data, on_epoch=recorder.on_epoch, should_stop=recorder.should_stop)
-    with db.transaction(url) as session:
+    with db.transaction(settings.resolved_database_url()) as session:
         jobs.finish_job(
-            job_id,
+            claim.job_id,
             attempt=claim.attempt,
             state=run.status,
             rows=recorder.pending,
@@ -82,7 +87,7 @@ def engine_recorded(job: JobSpec, data: TrainData, settings: Settings) -> int:
     return writes + 1
 
 
-Runner = Callable[[JobSpec, TrainData, Settings], int]
+Runner = Callable[[JobSpec, TrainData, jobs.Claim, Settings], int]
 
 
 def measure(
@@ -92,12 +97,13 @@ def measure(
     times: dict[str, list[float]] = {"alone": [], "recorded": []}
     runners: list[tuple[str, Runner]] = [("alone", engine_alone), ("recorded", engine_recorded)]
     writes = 0
-    engine_alone(job, data, settings)  # warm up imports and the backend
-    engine_recorded(job, data, settings)
+    for _, runner in runners:  # warm up imports, the backend and the connection pool
+        runner(job, data, claimed_job(job, settings), settings)
     for index in range(repeats):
         for label, runner in runners if index % 2 == 0 else runners[::-1]:
+            claim = claimed_job(job, settings)
             began = time.perf_counter()
-            made = runner(job, data, settings)
+            made = runner(job, data, claim, settings)
             times[label].append(time.perf_counter() - began)
             writes = max(writes, made)
     return statistics.median(times["alone"]), statistics.median(times["recorded"]), writes
@@ -156,7 +162,7 @@ def main() -> None:
         f"{cadence.record_every_seconds:g}s; median of {args.repeats}, interleaved\n"
     )
     header = f"{'spec':<16}{'database':<12}{'epochs':>7}{'writes':>8}"
-    header += f"{'engine s':>11}{'recorded s':>12}{'ratio':>8}"
+    header += f"{'engine s':>11}{'recorded s':>12}{'ratio':>8}{'ms/write':>10}"
     print(header)
     print("-" * len(header))
     with sqlite_database() as sqlite_url, postgres_database() as pg_url:
@@ -172,6 +178,7 @@ def main() -> None:
                 print(
                     f"{name:<16}{label:<12}{job.epochs:>7}{writes:>8}"
                     f"{alone:>11.4f}{recorded:>12.4f}{recorded / alone:>8.2f}"
+                    f"{(recorded - alone) / writes * 1000:>10.2f}"
                 )
         if pg_url is None:
             print(f"\n(PostgreSQL at {db.mask_url(PG_ADMIN_URL)} did not answer: skipped)")
