@@ -45,13 +45,17 @@ def _postgresql_session(dbapi_connection: Any, _record: Any) -> None:
     # mid-statement), and lrq never idles inside a transaction, so a live but stuck one ends too.
     lease = get_settings().lease_seconds
     probe = max(1, int(lease / 8))
+    options = {
+        "idle_in_transaction_session_timeout": max(1000, int(lease * 500)),
+        "tcp_keepalives_idle": probe,
+        "tcp_keepalives_interval": probe,
+        "tcp_keepalives_count": 3,
+    }
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"SET idle_in_transaction_session_timeout = {max(1000, int(lease * 500))}")
-    cursor.execute(f"SET tcp_keepalives_idle = {probe}")
-    cursor.execute(f"SET tcp_keepalives_interval = {probe}")
-    cursor.execute("SET tcp_keepalives_count = 3")
+    for name, value in options.items():
+        cursor.execute("SELECT set_config(%s, %s, false)", (name, str(value)))
     cursor.close()
     dbapi_connection.autocommit = autocommit
 
@@ -69,7 +73,8 @@ def get_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800)
-            event.listen(engine, "connect", _postgresql_session)
+            if parsed.get_backend_name() == "postgresql":
+                event.listen(engine, "connect", _postgresql_session)
         _engines[key] = engine
     return engine
 

@@ -26,7 +26,7 @@ def _resolve_data(
     *,
     session: Session,
     settings: Settings,
-    tables: dict[str, Any],
+    registered: dict[tuple[str, str | None, tuple[str, ...] | None], Dataset],
 ) -> spec.JobSpec:
     """The spec with its data pinned to a registered dataset (files are registered here)."""
     from service import datasets
@@ -36,8 +36,10 @@ def _resolve_data(
         spec.check_limits(job, settings)
         return job
     if data.path is not None:
-        table = tables.get(data.path)
-        if table is None:
+        # Grid points usually share one file: read and store it once.
+        key = (data.path, data.target, tuple(data.features) if data.features else None)
+        dataset = registered.get(key)
+        if dataset is None:
             path = datasets.safe_path(data.path, settings.resolved_data_dir())
             table = datasets.read_table(
                 path,
@@ -47,8 +49,8 @@ def _resolve_data(
                 max_rows=settings.max_rows,
                 max_features=settings.max_features,
             )
-            tables[data.path] = table
-        dataset = jobs.register_dataset(table, name=Path(data.path).name, session=session)
+            dataset = jobs.register_dataset(table, name=Path(data.path).name, session=session)
+            registered[key] = dataset
     else:
         assert data.dataset is not None
         dataset = jobs.find_dataset(data.dataset, session=session)
@@ -98,8 +100,10 @@ def submit(
     specs = spec.expand(document, grid, max_points=settings.max_grid_points)
     if queue is not None and not queue.replace("-", "").replace("_", "").isalnum():
         raise InputError(f"--queue: {queue!r} is not a queue name")
-    tables: dict[str, Any] = {}
-    pinned = [_resolve_data(s, session=session, settings=settings, tables=tables) for s in specs]
+    registered: dict[tuple[str, str | None, tuple[str, ...] | None], Dataset] = {}
+    pinned = [
+        _resolve_data(s, session=session, settings=settings, registered=registered) for s in specs
+    ]
     created = jobs.create_jobs(
         pinned,
         session=session,
