@@ -298,3 +298,19 @@ def state_counts(url: str, redis_client: Any) -> dict[str, int]:
         "redis unacked": int(redis_client.hlen("unacked")),
         "redis keys": int(redis_client.dbsize()),
     }
+
+
+def small_spec() -> dict[str, Any]:
+    """A small valid spec (40 rows, 30 for training, a 10-row test set); tests change one thing."""
+    return {
+        "name": "base",
+        "data": {
+            "synthetic": {"n_samples": 40, "n_features": 2, "coefficients": [1, 2], "seed": 1},
+            "test": {"fraction": 0.25},
+        },
+        "backend": "numpy",
+        "model": {"fit_intercept": True, "init": "zeros"},
+        "optimizer": {"lr": 0.001},
+        "epochs": 3,
+        "batch_size": 10,
+    }

@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import run_cli, state_counts
+from tests.support import run_cli, small_spec, state_counts
 
 #: Limits small enough to cross with a small spec; every test here runs under them.
 LIMITS = {
@@ -31,19 +31,7 @@ LIMITS = {
     "LRQ_MAX_DATASET_BYTES": "4096",
 }
 
-#: A valid spec: 40 rows, 30 of them for training, a 10-row test set.
-BASE: dict[str, Any] = {
-    "name": "base",
-    "data": {
-        "synthetic": {"n_samples": 40, "n_features": 2, "coefficients": [1, 2], "seed": 1},
-        "test": {"fraction": 0.25},
-    },
-    "backend": "numpy",
-    "model": {"fit_intercept": True, "init": "zeros"},
-    "optimizer": {"lr": 0.001},
-    "epochs": 3,
-    "batch_size": 10,
-}
+BASE: dict[str, Any] = small_spec()
 GOOD_CSV = b"X1,X2,Y\n1,2,5\n2,1,4\n3,3,9\n4,1,6\n0,2,4\n5,5,15\n"
 DELETE = object()
 

@@ -107,9 +107,7 @@ def test_prefixes_and_every_output_format(lrq_env: dict[str, str], tmp_path: Pat
     assert sorted(row.split()[1] for row in table[1:]) == sorted(found[i].name for i in ids)
     as_json = json.loads(ok("status", "--sweep", sweep_id, "--format", "json"))
     assert [list(row) for row in as_json] == [STATUS_COLUMNS] * 17
-    assert {row["id"]: row["last_loss"] for row in as_json} == {
-        i: found[i].last_loss for i in ids
-    }
+    assert {row["id"]: row["last_loss"] for row in as_json} == {i: found[i].last_loss for i in ids}
     as_csv = parse_csv(ok("status", "--format", "csv", "--state", "succeeded"))
     assert [{k: row[k] for k in ("id", "state", "epoch")} for row in as_csv] == [
         {"id": row["id"], "state": "succeeded", "epoch": "3/3"} for row in as_json

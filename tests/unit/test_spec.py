@@ -12,22 +12,12 @@ import pytest
 from service import spec
 from service.errors import LimitError, SpecError
 from service.settings import Settings
+from tests.support import small_spec
 
 
 def base() -> dict[str, Any]:
     """A small valid spec; each test changes one thing."""
-    return {
-        "name": "base",
-        "data": {
-            "synthetic": {"n_samples": 40, "n_features": 2, "coefficients": [1, 2], "seed": 1},
-            "test": {"fraction": 0.25},
-        },
-        "backend": "numpy",
-        "model": {"fit_intercept": True, "init": "zeros"},
-        "optimizer": {"lr": 0.001},
-        "epochs": 3,
-        "batch_size": 10,
-    }
+    return small_spec()
 
 
 def refusal(document: dict[str, Any]) -> str:
