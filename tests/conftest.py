@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RedisServer, need, reset_caches
+from tests.support import RedisServer, need, reset_caches, set_lrq_env
 
 PG_ADMIN_URL = os.environ.get(
     "LRQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -91,17 +91,5 @@ def lrq_env(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, database_url: str, redis_url: str
 ) -> dict[str, str]:
     """LRQ_* variables for a distributed setup on this machine, with short leases."""
-    values = {
-        "LRQ_HOME": str(tmp_path / "home"),
-        "LRQ_DATABASE_URL": database_url,
-        "LRQ_BROKER_URL": redis_url,
-        "LRQ_DATA_DIR": str(tmp_path),
-        "LRQ_LEASE_SECONDS": "6",
-        "LRQ_RECONCILE_INTERVAL": "1",
-        "LRQ_RECORD_EVERY_SECONDS": "0.2",
-        "LRQ_BROKER_TIMEOUT": "2",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    reset_caches()
+    values = set_lrq_env(monkeypatch, tmp_path, database_url=database_url, broker_url=redis_url)
     return {**os.environ, **values}

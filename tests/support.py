@@ -314,3 +314,57 @@ def small_spec() -> dict[str, Any]:
         "epochs": 3,
         "batch_size": 10,
     }
+
+
+#: Short leases and frequent reconciling, so tests see recovery within seconds.
+FAST_SETTINGS = {
+    "LRQ_LEASE_SECONDS": "6",
+    "LRQ_RECONCILE_INTERVAL": "1",
+    "LRQ_RECORD_EVERY_SECONDS": "0.2",
+    "LRQ_BROKER_TIMEOUT": "2",
+}
+
+
+def set_lrq_env(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp: Path,
+    *,
+    database_url: str,
+    broker_url: str | None = None,
+    **extra: str,
+) -> dict[str, str]:
+    """Set LRQ_* for a test (extra settings by name: ``max_attempts="2"``); returns them."""
+    values = {
+        "LRQ_HOME": str(tmp / "home"),
+        "LRQ_DATABASE_URL": database_url,
+        "LRQ_DATA_DIR": str(tmp),
+        **FAST_SETTINGS,
+    }
+    if broker_url is not None:
+        values["LRQ_BROKER_URL"] = broker_url
+    values.update({f"LRQ_{key.upper()}": value for key, value in extra.items()})
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    reset_caches()
+    return values
+
+
+#: In ``with_changes``, a value that removes the field.
+DELETE = object()
+
+
+def with_changes(document: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a document with ``{"a.b": value}`` set (DELETE removes the field)."""
+    import copy
+
+    out = copy.deepcopy(document)
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        if value is DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return out

@@ -23,7 +23,14 @@ from typing import Any
 
 import pytest
 
-from tests.support import WorkerProcess, free_port, need, reset_caches, run_cli, wait_for
+from tests.support import (
+    WorkerProcess,
+    free_port,
+    need,
+    run_cli,
+    set_lrq_env,
+    wait_for,
+)
 
 TERMINAL = ("succeeded", "failed", "diverged", "cancelled")
 #: The worker launcher whose jobs named kill-me*/hang-* misbehave (see killer.py).
@@ -258,20 +265,9 @@ def fault_env(
     monkeypatch: pytest.MonkeyPatch, tmp: Path, *, database_url: str, broker_url: str
 ) -> dict[str, str]:
     """LRQ_* for the test process and its workers: short leases, frequent reconciling."""
-    values = {
-        "LRQ_HOME": str(tmp / "home"),
-        "LRQ_DATABASE_URL": database_url,
-        "LRQ_BROKER_URL": broker_url,
-        "LRQ_DATA_DIR": str(tmp),
-        "LRQ_LEASE_SECONDS": "6",
-        "LRQ_RECONCILE_INTERVAL": "1",
-        "LRQ_RECORD_EVERY_SECONDS": "0.2",
-        "LRQ_BROKER_TIMEOUT": "2",
-        "LRQ_MAX_ATTEMPTS": "3",
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    reset_caches()
+    values = set_lrq_env(
+        monkeypatch, tmp, database_url=database_url, broker_url=broker_url, max_attempts="3"
+    )
     return {**os.environ, "PYTHONPATH": str(ROOT), **values}
 
 

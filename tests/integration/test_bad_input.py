@@ -19,7 +19,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support import run_cli, small_spec, state_counts
+from tests.support import DELETE, run_cli, small_spec, state_counts, with_changes
 
 #: Limits small enough to cross with a small spec; every test here runs under them.
 LIMITS = {
@@ -33,22 +33,11 @@ LIMITS = {
 
 BASE: dict[str, Any] = small_spec()
 GOOD_CSV = b"X1,X2,Y\n1,2,5\n2,1,4\n3,3,9\n4,1,6\n0,2,4\n5,5,15\n"
-DELETE = object()
 
 
 def changed(changes: dict[str, Any]) -> dict[str, Any]:
     """BASE with ``{"a.b": value}`` changes applied (DELETE removes the field)."""
-    document = copy.deepcopy(BASE)
-    for path, value in changes.items():
-        *parents, last = path.split(".")
-        node = document
-        for part in parents:
-            node = node.setdefault(part, {})
-        if value is DELETE:
-            del node[last]
-        else:
-            node[last] = value
-    return document
+    return with_changes(BASE, changes)
 
 
 def dump(document: dict[str, Any]) -> bytes:

@@ -28,6 +28,7 @@ from tests.support import (
     need,
     reset_caches,
     run_cli,
+    set_lrq_env,
     state_counts,
     wait_for,
 )
@@ -54,22 +55,11 @@ def use_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **values: str) -> d
     from service import db
 
     url = values.pop("database_url", f"sqlite:///{tmp_path / 'lrq.db'}")
-    env = {
-        "LRQ_HOME": str(tmp_path / "home"),
-        "LRQ_DATABASE_URL": url,
-        "LRQ_DATA_DIR": str(tmp_path),
-        "LRQ_LEASE_SECONDS": "6",
-        "LRQ_RECONCILE_INTERVAL": "1",
-        "LRQ_RECORD_EVERY_SECONDS": "0.2",
-        "LRQ_BROKER_TIMEOUT": "2",
-        **{f"LRQ_{k.upper()}": v for k, v in values.items()},
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
+    set_lrq_env(monkeypatch, tmp_path, database_url=url, **values)
     if url.startswith("sqlite"):
         db.upgrade(url)
         db.dispose_all()
-    reset_caches()
+        reset_caches()
     return dict(os.environ)
 
 

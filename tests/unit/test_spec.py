@@ -12,7 +12,7 @@ import pytest
 from service import spec
 from service.errors import LimitError, SpecError
 from service.settings import Settings
-from tests.support import small_spec
+from tests.support import DELETE, small_spec, with_changes
 
 
 def base() -> dict[str, Any]:
@@ -241,8 +241,6 @@ def with_change(path: str, value: Any) -> dict[str, Any]:
     return document
 
 
-DELETE = object()
-
 #: (field path, new value or DELETE, the line the refusal must contain)
 REFUSALS: list[tuple[str, Any, str]] = [
     ("optimizer.lr", -1, "optimizer.lr: must be > 0, got -1"),
@@ -314,15 +312,7 @@ REFUSALS: list[tuple[str, Any, str]] = [
     ("path", "value", "expected"), REFUSALS, ids=[f"{p}={v!r}" for p, v, _ in REFUSALS]
 )
 def test_validation_messages_name_the_field(path: str, value: Any, expected: str) -> None:
-    document = base()
-    *parents, last = path.split(".")
-    node = document
-    for part in parents:
-        node = node.setdefault(part, {})
-    if value is DELETE:
-        del node[last]
-    else:
-        node[last] = value
+    document = with_changes(base(), {path: value})
     assert expected in refusal(document).split("; ")
 
 
