@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_features: int = Field(10_000, gt=0)
     max_epochs: int = Field(1_000_000, gt=0)
     max_row_epochs: int = Field(50_000_000_000, gt=0)
+    #: Optimizer steps (epochs x batches per epoch): what a job's run time grows with.
+    max_steps: int = Field(100_000_000, gt=0)
     max_dataset_bytes: int = Field(512 * 1024 * 1024, gt=0)
     max_grid_points: int = Field(10_000, gt=0)
 
