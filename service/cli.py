@@ -463,6 +463,7 @@ def worker(
     if not names:
         raise click.BadParameter("give at least one queue", param_hint="--queues")
     settings = _settings()
+    db.use_worker_sessions()
     db.check_schema(settings.resolved_database_url())
     gpu_list = _parse_gpus(gpus)
     if gpu_list is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from service.errors import SchemaError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
-_engines: dict[tuple[str, int], Engine] = {}
+_engines: dict[tuple[str, int, bool], Engine] = {}
+#: Whether this process's connections are a worker's (see ``use_worker_sessions``).
+_worker_process = False
+
+
+def use_worker_sessions() -> None:
+    """Give this process's later connections a worker's session options, not a client's."""
+    global _worker_process
+    _worker_process = True
 
 
 def mask_url(url: str) -> str:
@@ -36,33 +45,53 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _postgresql_session(dbapi_connection: Any, _record: Any) -> None:
+def _postgresql_options(*, worker: bool) -> dict[str, int]:
+    """The session settings of a worker's or a client's PostgreSQL connections."""
     from service.settings import get_settings
 
+    settings = get_settings()
     # A worker cut off inside a transaction keeps its job's row locked until TCP gives up,
     # hours later, and every reconciler's reclaim of that job waits on the lock. The server
     # drops such a session before the lease lapses: keepalives find a peer that is gone (even
-    # mid-statement), and lrq never idles inside a transaction, so a live but stuck one ends too.
-    lease = get_settings().lease_seconds
+    # mid-statement), and a worker never idles inside a transaction, so a stuck one ends too.
+    lease = settings.lease_seconds
     probe = max(1, int(lease / 8))
     options = {
-        "idle_in_transaction_session_timeout": max(1000, int(lease * 500)),
         "tcp_keepalives_idle": probe,
         "tcp_keepalives_interval": probe,
         "tcp_keepalives_count": 3,
     }
-    autocommit = dbapi_connection.autocommit
-    dbapi_connection.autocommit = True
-    cursor = dbapi_connection.cursor()
-    for name, value in options.items():
-        cursor.execute("SELECT set_config(%s, %s, false)", (name, str(value)))
-    cursor.close()
-    dbapi_connection.autocommit = autocommit
+    if worker:
+        options["idle_in_transaction_session_timeout"] = max(1000, int(lease * 500))
+    else:
+        # A client may idle in its read (turning a long history into a frame) far longer
+        # than a lease, but no one command may hold the server without end.
+        options["statement_timeout"] = max(1, int(settings.db_statement_timeout * 1000))
+    return options
 
 
-def get_engine(url: str) -> Engine:
-    """The engine for a URL, made once per process (never inherited across a fork)."""
-    key = (url, os.getpid())
+def _postgresql_session(options: dict[str, int]) -> Callable[[Any, Any], None]:
+    """A connect hook setting the session's options (with bound parameters)."""
+
+    def apply(dbapi_connection: Any, _record: Any) -> None:
+        autocommit = dbapi_connection.autocommit
+        dbapi_connection.autocommit = True
+        cursor = dbapi_connection.cursor()
+        for name, value in options.items():
+            cursor.execute("SELECT set_config(%s, %s, false)", (name, str(value)))
+        cursor.close()
+        dbapi_connection.autocommit = autocommit
+
+    return apply
+
+
+def get_engine(url: str, *, worker: bool | None = None) -> Engine:
+    """The engine for a URL, made once per process (never inherited across a fork).
+
+    ``worker`` picks a worker's or a client's session options; None means this process's.
+    """
+    as_worker = _worker_process if worker is None else worker
+    key = (url, os.getpid(), as_worker)
     engine = _engines.get(key)
     if engine is None:
         parsed = make_url(url)
@@ -71,16 +100,27 @@ def get_engine(url: str) -> Engine:
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             engine = create_engine(url, connect_args={"timeout": 30})
             event.listen(engine, "connect", _sqlite_pragmas)
+        elif parsed.get_backend_name() == "postgresql":
+            from service.settings import get_settings
+
+            # Without it a server that accepts and never answers hangs every command forever.
+            timeout = max(1, math.ceil(get_settings().db_connect_timeout))
+            engine = create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                connect_args={"connect_timeout": timeout},
+            )
+            options = _postgresql_options(worker=as_worker)
+            event.listen(engine, "connect", _postgresql_session(options))
         else:
             engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800)
-            if parsed.get_backend_name() == "postgresql":
-                event.listen(engine, "connect", _postgresql_session)
         _engines[key] = engine
     return engine
 
 
-def sessionmaker_for(url: str) -> sessionmaker[Session]:
-    return sessionmaker(get_engine(url), expire_on_commit=False)
+def sessionmaker_for(url: str, *, worker: bool | None = None) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url, worker=worker), expire_on_commit=False)
 
 
 @contextmanager
@@ -119,17 +159,51 @@ def current_revision(url: str) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+#: The PostgreSQL advisory lock key migrations hold ("lrq" in ASCII).
+MIGRATION_LOCK = 0x6C7271
+
+
+@contextmanager
+def migration_lock(url: str) -> Iterator[None]:
+    """Serialise migrations: two at once would both create the same tables and rows."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        from sqlalchemy import func, select
+
+        # A session lock on a connection of its own: it outlives Alembic's transactions.
+        with get_engine(url).connect() as connection:
+            connection.execute(select(func.pg_advisory_lock(MIGRATION_LOCK)))
+            connection.commit()
+            try:
+                yield
+            finally:
+                connection.execute(select(func.pg_advisory_unlock(MIGRATION_LOCK)))
+                connection.commit()
+    elif parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        import fcntl
+
+        path = Path(f"{parsed.database}.migrate-lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+            yield
+    else:
+        yield
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Run the migrations up to a revision."""
+    """Run the migrations up to a revision (one migrating process at a time)."""
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    with migration_lock(url):
+        command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str) -> None:
     from alembic import command
 
-    command.downgrade(alembic_config(url), revision)
+    with migration_lock(url):
+        command.downgrade(alembic_config(url), revision)
 
 
 _checked: set[tuple[str, int]] = set()

@@ -94,7 +94,10 @@ class Job(Base):
     epochs_total: Mapped[int] = mapped_column(Integer)
     epochs_done: Mapped[int] = mapped_column(Integer, default=0)
     last_loss: Mapped[float | None] = mapped_column(Float)
+    #: Claims ever made; never reset, so a claim's number (the fence) is never reused.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: ``attempts`` when the job was last retried: the cap counts the claims made since.
+    attempts_at_retry: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     broker_ca_file: str = ""
     #: Seconds a publish may take before the broker counts as unreachable.
     broker_timeout: float = Field(5.0, gt=0)
+    #: Seconds to connect to the database before it counts as unreachable (PostgreSQL).
+    db_connect_timeout: float = Field(10.0, gt=0)
+    #: Longest statement a client command (not a worker) may run on PostgreSQL, in seconds.
+    db_statement_timeout: float = Field(300.0, gt=0)
     #: Files named by a spec's ``data.path`` must lie inside this directory (default: cwd).
     data_dir: Path | None = None
 
@@ -36,6 +40,8 @@ class Settings(BaseSettings):
     max_features: int = Field(10_000, gt=0)
     max_epochs: int = Field(1_000_000, gt=0)
     max_row_epochs: int = Field(50_000_000_000, gt=0)
+    #: Optimizer steps (epochs x batches per epoch): what a job's run time grows with.
+    max_steps: int = Field(100_000_000, gt=0)
     max_dataset_bytes: int = Field(512 * 1024 * 1024, gt=0)
     max_grid_points: int = Field(10_000, gt=0)
 

@@ -528,6 +528,21 @@ def check_limits(
             f"epochs: {rows} rows x {spec.epochs} epochs, more than the limit of "
             f"{settings.max_row_epochs}"
         )
+    if rows is not None:
+        # A step costs about the same whatever the batch's size: small batches are what make a
+        # job run for days, long after the row x epoch budget says it is cheap.
+        train_rows = spec.n_train_rows() if synthetic is not None else rows
+        if synthetic is None and spec.data.test is not None and spec.data.test.fraction:
+            train_rows -= held_out_rows(rows, spec.data.test.fraction)
+        per_epoch = 1 if spec.batch_size is None else -(-max(train_rows, 1) // spec.batch_size)
+        steps = per_epoch * spec.epochs
+        if steps > settings.max_steps:
+            field = "epochs" if spec.batch_size is None else "batch_size"
+            raise LimitError(
+                f"{field}: {spec.epochs} epochs x {per_epoch} steps each (batch_size "
+                f"{spec.batch_size or 'full'} of {train_rows} training rows) is {steps} "
+                f"optimizer steps, more than the limit of {settings.max_steps}"
+            )
 
 
 def flatten(document: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

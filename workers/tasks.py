@@ -25,24 +25,26 @@ from workers.engines.base import Checkpoint, EpochRecord, RunResult
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: How long a worker keeps retrying a database write before giving the job up to a reclaim.
-DB_RETRY_SECONDS = 120.0
+#: The longest pause between a worker's tries to reach the database.
+DB_RETRY_MAX_PAUSE = 5.0
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError)
 
 
 def with_db_retries(action: Callable[[], T], *, what: str) -> T:
     """Run a database action, retrying through a restarting or unreachable database."""
-    deadline = time.monotonic() + DB_RETRY_SECONDS
+    # No deadline: an outage, however long, is never the job's fault, and giving up could
+    # only fail it. Retrying is safe meanwhile: once the lease lapses a reclaim may hand the
+    # job to another worker, and this attempt's next write is then refused by the fence.
     pause = 0.25
     while True:
         try:
             return action()
         except _TRANSIENT as exc:
-            if time.monotonic() + pause > deadline:
-                raise
-            log.warning("%s: database unavailable (%s); retrying", what, type(exc).__name__)
+            log.warning(
+                "%s: database unavailable (%s); retrying in %gs", what, type(exc).__name__, pause
+            )
             time.sleep(pause)
-            pause = min(pause * 2, 5.0)
+            pause = min(pause * 2, DB_RETRY_MAX_PAUSE)
 
 
 class Recorder:
@@ -170,6 +172,7 @@ def execute_job(job_id: str, settings: Settings) -> str:
     keeper = LeaseKeeper(claim, settings, recorder)
     keeper.start()
     state, error, result = "failed", None, None
+    unreachable = False
     try:
         spec = JobSpec.model_validate(claim.spec)
         data = load_train_data(spec, claim.dataset_id, settings)
@@ -185,6 +188,13 @@ def execute_job(job_id: str, settings: Settings) -> str:
         error = f"timed out: the soft time limit of {settings.soft_time_limit:g}s"
     except LrqError as exc:
         error = str(exc)
+    except _TRANSIENT as exc:
+        if isinstance(exc.orig, SoftTimeLimitExceeded):
+            error = f"timed out: the soft time limit of {settings.soft_time_limit:g}s"
+        else:
+            # An infrastructure fault, not the job's: leave it to its lease, to be resumed.
+            log.warning("job %s: database unavailable (%s); leaving it", job_id, exc.orig)
+            unreachable = True
     except Exception as exc:
         if isinstance(getattr(exc, "orig", None), SoftTimeLimitExceeded):
             # The limit landed inside a statement (a record), and SQLAlchemy wrapped it.
@@ -197,6 +207,8 @@ def execute_job(job_id: str, settings: Settings) -> str:
     if recorder.lease_lost:
         log.warning("job %s: attempt %d lost its lease; stopping", job_id, claim.attempt)
         return "lease lost"
+    if unreachable:
+        return "database unavailable"
 
     def finish() -> None:
         with db.transaction(url) as session:

@@ -144,6 +144,43 @@ def test_database_outage_while_recording(
     print(f"\ndatabase {outage}: attempts {job.attempts}")
 
 
+#: Longer than the 120 s after which a worker used to give up its writes and fail the job.
+LONG_OUTAGE_SECONDS = 130
+
+
+def test_a_database_outage_longer_than_any_retry_window_fails_no_job(
+    make_cluster: Callable[..., Cluster],
+    pg_url: str,
+    redis_url: str,
+    forwarders: Callable[..., Forwarder],
+) -> None:
+    """Every connection to PostgreSQL cut at a proxy for over two minutes under a running job.
+    The lease outlasts the cut, so no reclaim can rescue the job: only the worker's own
+    retrying can, and the job must end as if nothing happened, on its first attempt."""
+    real = make_url(pg_url)
+    proxy = forwarders((real.host or "127.0.0.1", real.port or 5432))
+    cluster = make_cluster(
+        real.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+        redis_url,
+    )
+    cluster.inspect_url = pg_url
+    spec = training_spec("database-long-outage", epochs=2500)
+    cluster.start_worker("a", env={"LRQ_LEASE_SECONDS": str(LONG_OUTAGE_SECONDS * 3)})
+    job_id = cluster.submit(spec)
+    cluster.wait_running(job_id, epochs=100)
+    proxy.cut()
+    cut_at = time.monotonic()
+    time.sleep(LONG_OUTAGE_SECONDS)
+    proxy.resume()
+    resumed_at = time.monotonic()
+
+    job = cluster.wait_finished(job_id)
+    report_recovery(f"{elapsed(cut_at):.0f}s database cut -> succeeded", elapsed(resumed_at))
+    assert "database unavailable" in cluster.logs()
+    cluster.assert_as_uninterrupted(job_id, spec)
+    assert (job.attempts, job.error) == (1, None)
+
+
 def test_a_worker_cut_off_inside_a_transaction_does_not_block_the_reclaim(
     pg_cluster: Cluster,
 ) -> None:
@@ -159,7 +196,7 @@ def test_a_worker_cut_off_inside_a_transaction_does_not_block_the_reclaim(
     with db.transaction(cluster.url) as session:
         claim = jobs.claim_job(job_id, session=session, worker="gone:1", lease_seconds=1)
     assert claim is not None
-    orphan = db.sessionmaker_for(cluster.url)()
+    orphan = db.sessionmaker_for(cluster.url, worker=True)()
     orphan.begin()
     orphan.execute(update(Job).where(Job.id == job_id).values(last_loss=1.0))
     time.sleep(1.5)  # the lease lapses while the row stays locked

@@ -29,6 +29,7 @@ LIMITS = {
     "LRQ_MAX_ROW_EPOCHS": "1000000",
     "LRQ_MAX_GRID_POINTS": "20",
     "LRQ_MAX_DATASET_BYTES": "4096",
+    "LRQ_MAX_STEPS": "100000",
 }
 
 BASE: dict[str, Any] = small_spec()
@@ -325,6 +326,12 @@ RUN_CASES = [
         "rows-times-epochs-over-limit",
         "epochs: 2000 rows x 600 epochs, more than the limit of 1000000",
         {"data.synthetic.n_samples": 2000, "epochs": 600},
+    ),
+    case(
+        "steps-over-limit",
+        "batch_size: 1000 epochs x 150 steps each (batch_size 1 of 150 training rows) is 150000 "
+        "optimizer steps, more than the limit of 100000",
+        {"data.synthetic.n_samples": 200, "epochs": 1000, "batch_size": 1},
     ),
     case(
         "rows-over-limit",
@@ -690,7 +697,9 @@ def non_finite(draw: st.DrawFn) -> Mutation:
 @st.composite
 def huge_values(draw: st.DrawFn) -> Mutation:
     kind = draw(
-        st.sampled_from(["epochs", "rows", "features", "seed", "batch", "fraction", "row-epochs"])
+        st.sampled_from(
+            ["epochs", "rows", "features", "seed", "batch", "fraction", "row-epochs", "steps"]
+        )
     )
     big = 10**30
     if kind == "epochs":
@@ -727,6 +736,15 @@ def huge_values(draw: st.DrawFn) -> Mutation:
             f"fraction={fraction}",
             {"data.test.fraction": fraction},
             "data.test.fraction: must be < 1",
+        )
+    if kind == "steps":
+        # Inside the row x epoch budget (200 rows x 1000 epochs) but not the step budget.
+        epochs = draw(st.integers(667, 1000))
+        return doc_mutation(
+            f"{epochs} epochs of batch_size 1",
+            {"data.synthetic.n_samples": 200, "epochs": epochs, "batch_size": 1},
+            f"batch_size: {epochs} epochs x 150 steps each (batch_size 1 of 150 training rows) "
+            f"is {epochs * 150} optimizer steps, more than the limit of 100000",
         )
     epochs = draw(st.integers(501, 1000))
     return doc_mutation(

@@ -158,7 +158,10 @@ def test_cancel_retry_and_wait_exit_codes(lrq_env: dict[str, str], tmp_path: Pat
             f"{job_id[:12]}  queued" for job_id in (long, queued)
         )
         found = wait_jobs(url, [long, queued], timeout=90, workers=[process])
-        assert [(j.state, j.attempts, j.error) for j in found] == [("succeeded", 1, None)] * 2
+        # One claim each since the retry; attempt numbers carry on from before it.
+        since_retry = [(j.state, j.attempts - j.attempts_at_retry, j.error) for j in found]
+        assert since_retry == [("succeeded", 1, None)] * 2
+        assert {j.id: j.attempts for j in found} == {long: 2, queued: 1}
         after = assert_fresh_history(url, load_jobs(url, [long])[0], 400)
         assert after[: len(before)] == before
         assert_fresh_history(url, load_jobs(url, [queued])[0], 5)

@@ -457,7 +457,68 @@ def test_limits_name_the_field(
 
 def test_limits_at_the_boundary_are_accepted() -> None:
     job = spec.validate(with_change("epochs", 5))
-    spec.check_limits(job, limits(max_epochs=5, max_rows=40, max_features=2, max_row_epochs=200))
+    spec.check_limits(
+        job, limits(max_epochs=5, max_rows=40, max_features=2, max_row_epochs=200, max_steps=15)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "max_steps", "expected"),
+    [
+        (
+            {"batch_size": 1, "epochs": 5},
+            149,
+            "batch_size: 5 epochs x 30 steps each (batch_size 1 of 30 training rows) is 150 "
+            "optimizer steps, more than the limit of 149",
+        ),
+        (
+            {"batch_size": 7, "epochs": 5},
+            24,  # ceil(30 / 7) = 5 steps an epoch, the last batch short
+            "batch_size: 5 epochs x 5 steps each (batch_size 7 of 30 training rows) is 25 "
+            "optimizer steps, more than the limit of 24",
+        ),
+        (
+            {"batch_size": None, "epochs": 11},
+            10,
+            "epochs: 11 epochs x 1 steps each (batch_size full of 30 training rows) is 11 "
+            "optimizer steps, more than the limit of 10",
+        ),
+    ],
+)
+def test_the_step_budget_counts_batches(
+    change: dict[str, Any], max_steps: int, expected: str
+) -> None:
+    job = spec.validate(with_changes(base(), change))
+    spec.check_limits(job, limits(max_steps=max_steps + 1))
+    with pytest.raises(LimitError) as caught:
+        spec.check_limits(job, limits(max_steps=max_steps))
+    assert str(caught.value) == expected
+
+
+def test_a_batch_of_one_inside_the_row_epoch_budget_is_refused_by_default() -> None:
+    """1e7 rows x 5000 epochs is the row x epoch budget, but 5e10 steps at batch_size 1."""
+    changes = {
+        "data.synthetic.n_samples": 10_000_000,
+        "data.test": DELETE,
+        "epochs": 5000,
+        "batch_size": 1,
+    }
+    job = spec.validate(with_changes(base(), changes))
+    with pytest.raises(LimitError, match=r"^batch_size: .* 50000000000 optimizer steps, more "):
+        spec.check_limits(job, Settings())
+    spec.check_limits(
+        spec.validate(with_changes(base(), {**changes, "batch_size": 1000})), Settings()
+    )
+
+
+def test_the_step_budget_of_a_file_uses_its_training_rows() -> None:
+    document = base()
+    document["data"] = {"path": "d.csv", "target": "Y", "test": {"fraction": 0.5}}
+    document["batch_size"] = 2
+    job = spec.validate(document)
+    spec.check_limits(job, limits(max_steps=15), rows=20, features=2)  # 3 x ceil(10 / 2)
+    with pytest.raises(LimitError, match=r"^batch_size: 3 epochs x 5 steps each .* of 10 train"):
+        spec.check_limits(job, limits(max_steps=14), rows=20, features=2)
 
 
 def test_file_limits_use_the_given_rows_and_features() -> None:
