@@ -119,16 +119,6 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> 
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _age(when: dt.datetime | None) -> str:
-    if when is None:
-        return ""
-    seconds = int((jobs.utcnow() - when).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
-
-
 # -- run ------------------------------------------------------------------------------------
 
 
@@ -186,17 +176,32 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
 
 
 def _wait(job_ids: Sequence[str], url: str, timeout: float | None, quiet: bool) -> int:
+    from service import views
+
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+
+    def fetch() -> tuple[list[Any], int]:
         with db.transaction(url) as session:
-            found = jobs.find_jobs(session=session, ids=job_ids)
-        states = [j.state for j in found]
-        if all(s in ("succeeded", "failed", "diverged", "cancelled") for s in states):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            click.echo(f"error: --timeout: jobs still unfinished after {timeout:g}s", err=True)
-            return 1
-        time.sleep(0.5)
+            return jobs.find_jobs(session=session, ids=job_ids), 0
+
+    if quiet:
+        while not views.all_finished(found := fetch()[0]):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    else:
+        # Progress goes to stderr: stdout keeps the ids and final states for scripts.
+        found = views.watch(
+            fetch,
+            stream=sys.stderr,
+            interval=0.5,
+            grouped=len(job_ids) > views.GROUP_ABOVE,
+            deadline=deadline,
+        )
+    states = [j.state for j in found]
+    if not views.all_finished(found):
+        click.echo(f"error: --timeout: jobs still unfinished after {timeout:g}s", err=True)
+        return 1
     if not quiet:
         for job in found:
             detail = f" ({job.error})" if job.error else ""
@@ -240,8 +245,9 @@ def submit(
         )
         pairs = [(job.id, job.queue) for job in submission.jobs]
     ids = [job_id for job_id, _ in pairs]
-    if submission.sweep_id and not quiet:
-        click.echo(f"sweep {submission.sweep_id}")
+    if submission.sweep_id:
+        # Marked with "#" under -q, so `grep -v '^#'` leaves only job ids.
+        click.echo(f"# sweep {submission.sweep_id}" if quiet else f"sweep {submission.sweep_id}")
     for job in submission.jobs:
         click.echo(job.id if quiet else f"{job.id}  {job.name}  queue={job.queue}")
     try:
@@ -257,22 +263,6 @@ def submit(
 
 # -- status and results ---------------------------------------------------------------------
 
-STATUS_COLUMNS = ("id", "name", "backend", "device", "state", "epoch", "last_loss", "worker", "age")
-
-
-def _status_row(job: Any, short: bool) -> dict[str, Any]:
-    return {
-        "id": job.id[:12] if short else job.id,
-        "name": job.name,
-        "backend": job.backend,
-        "device": job.device,
-        "state": job.state,
-        "epoch": f"{job.epochs_done}/{job.epochs_total}",
-        "last_loss": job.last_loss,
-        "worker": job.worker or "",
-        "age": _age(job.created_at),
-    }
-
 
 def _select(
     refs: Sequence[str],
@@ -282,12 +272,16 @@ def _select(
     url: str,
     limit: int | None = None,
 ) -> list[Any]:
+    """Jobs by filters, oldest first; the jobs of a sweep in its grid order."""
+    from service.sweeps import in_grid_order
+
     with db.transaction(url) as session:
         ids = jobs.resolve_ids(refs, session=session) if refs else None
         sweep_id = jobs.resolve_sweep(sweep, session=session) if sweep else None
-        return jobs.find_jobs(
+        found = jobs.find_jobs(
             session=session, ids=ids, state=state, sweep_id=sweep_id, name=name, limit=limit
         )
+        return in_grid_order(found, session=session)
 
 
 STATE_CHOICE = click.Choice(["queued", "running", "succeeded", "failed", "diverged", "cancelled"])
@@ -296,10 +290,16 @@ STATE_CHOICE = click.Choice(["queued", "running", "succeeded", "failed", "diverg
 @main.command()
 @click.argument("refs", nargs=-1, metavar="[IDS]...")
 @click.option("--state", type=STATE_CHOICE, default=None)
-@click.option("--sweep", default=None, help="Jobs of one sweep (id or prefix).")
+@click.option("--sweep", default=None, help="Jobs of one sweep (id or prefix), in grid order.")
 @click.option("--name", default=None, help="Jobs with this name.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Newest N jobs.")
-@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until all are finished.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Newest N jobs [default: 20; every job of the ids or sweep given].",
+)
+@click.option("--all", "show_all", is_flag=True, help="Every job, however many.")
+@click.option("--watch", is_flag=True, help="Redraw in place until every job shown has finished.")
 @click.option("--format", "fmt", type=FORMATS, default="table")
 def status(
     refs: tuple[str, ...],
@@ -307,18 +307,37 @@ def status(
     sweep: str | None,
     name: str | None,
     limit: int | None,
+    show_all: bool,
     watch: bool,
     fmt: str,
 ) -> None:
-    """Show jobs: state, progress, last loss, worker."""
+    """Show jobs, newest first: state, progress, last loss, worker."""
+    from service import views
+
     url = _url()
+    if limit is None and not (show_all or refs or sweep):
+        limit = views.DEFAULT_LIMIT
+
+    def fetch() -> tuple[list[Any], int]:
+        with db.transaction(url) as session:
+            return views.select_page(
+                session, refs=refs, state=state, sweep=sweep, name=name, limit=limit
+            )
+
+    if watch and fmt == "table":
+        views.watch(fetch, stream=sys.stdout, interval=2.0)
+        return
     while True:
-        found = _select(refs, state, sweep, name, url, limit)
-        text = render([_status_row(j, fmt == "table") for j in found], STATUS_COLUMNS, fmt)
-        if watch and fmt == "table":
-            click.clear()
-        click.echo(text)
-        if not watch or all(j.state not in ("queued", "running") for j in found):
+        found, left_out = fetch()
+        if fmt == "table":
+            text = render([views.table_row(j) for j in found], views.TABLE_COLUMNS, fmt)
+            click.echo(text + (f"\n{views.left_out_line(left_out)}" if left_out else ""))
+        else:
+            records = [views.status_record(j) for j in found]
+            click.echo(render(records, views.STATUS_FIELDS, fmt))
+            if left_out:
+                click.echo(views.left_out_line(left_out), err=True)
+        if not watch or views.all_finished(found):
             return
         time.sleep(2)
 
@@ -343,6 +362,7 @@ RESULT_COLUMNS = (
 @click.option("--sweep", default=None, help="Every job of a sweep.")
 @click.option("--history", is_flag=True, help="Per-epoch losses instead of the summary.")
 @click.option("--all-columns", is_flag=True, help="Every summary field and spec parameter.")
+@click.option("--compare", is_flag=True, help="Two jobs: where their specs and results differ.")
 @click.option("--format", "fmt", type=FORMATS, default="table")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None)
 def results(
@@ -350,6 +370,7 @@ def results(
     sweep: str | None,
     history: bool,
     all_columns: bool,
+    compare: bool,
     fmt: str,
     output: str | None,
 ) -> None:
@@ -358,6 +379,13 @@ def results(
         raise InputError("IDS: give job ids (or prefixes), or --sweep")
     url = _url()
     found = _select(refs, None, sweep, None, url)
+    if compare:
+        from service.sweeps import compare as compare_jobs
+
+        if len(found) != 2 or sweep:
+            raise InputError("--compare: give exactly two job ids")
+        click.echo(render(compare_jobs(*found), ("field", "a", "b", "change"), fmt))
+        return
     if history:
         with db.transaction(url) as session:
             frame = jobs.history_frame([j.id for j in found], session=session)
@@ -376,11 +404,71 @@ def results(
             if isinstance(value, float) and math.isnan(value):
                 row[key] = None
     text = render(rows, columns, fmt)
+    if fmt == "table" and not history and not output and len(found) == 1:
+        from service.views import loss_line
+
+        with db.transaction(url) as session:
+            frame = jobs.history_frame([found[0].id], session=session)
+        text += "\n" + loss_line(found[0].id, [float(v) for v in frame["train_loss"]])
     if output:
         Path(output).write_text(text + "\n")
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
         click.echo(text)
+
+
+@main.command("sweeps")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def sweeps_list(fmt: str) -> None:
+    """One line per sweep, newest first: size, jobs per state, the best value, age."""
+    from service import sweeps as sweeps_module
+    from service import views
+
+    with db.transaction(_url()) as session:
+        rows = sweeps_module.list_sweeps(session=session)
+    if fmt != "table":
+        click.echo(render(rows, sweeps_module.SWEEP_COLUMNS, fmt))
+        return
+    shown = [
+        {
+            "id": row["id"][:12],
+            "name": row["name"],
+            "size": row["size"],
+            "states": ", ".join(f"{row[s]} {s}" for s in STATE_CHOICE.choices if row[s]),
+            "best": ""
+            if row["best_value"] is None
+            else f"{row['best_metric']} {row['best_value']:.6g}",
+            "age": views.age(row["created_at"]),
+        }
+        for row in rows
+    ]
+    click.echo(render(shown, ("id", "name", "size", "states", "best", "age"), fmt))
+
+
+@main.group(cls=LrqGroup)
+def sweep() -> None:
+    """One sweep's grid points."""
+
+
+@sweep.command("show")
+@click.argument("ref", metavar="SWEEP")
+@click.option("--sort", default=None, help="Order by a metric, lowest first (e.g. test_loss).")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def sweep_show(ref: str, sort: str | None, fmt: str) -> None:
+    """One row per grid point: the varied parameters, losses, optimum gap, epochs, time."""
+    from service import sweeps as sweeps_module
+
+    with db.transaction(_url()) as session:
+        found_sweep, found = sweeps_module.sweep_jobs(
+            jobs.resolve_sweep(ref, session=session), session=session
+        )
+        rows = sweeps_module.point_rows(found_sweep, found, sort=sort)
+        columns = sweeps_module.point_columns(found_sweep)
+    if fmt == "table":
+        for row in rows:
+            row["id"] = row["id"][:12]
+            row["best"] = "*" if row["best"] else ""
+    click.echo(render(rows, columns, fmt))
 
 
 # -- cancel, retry, reconcile ---------------------------------------------------------------
