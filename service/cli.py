@@ -645,6 +645,7 @@ def info() -> None:
     """Where lrq points, queue lengths, live workers and jobs per state (no secrets shown)."""
     from sqlalchemy.exc import DBAPIError
 
+    from service.monitor import worker_details, worker_line
     from service.queue import live_workers, mask_broker_url, queue_lengths
 
     settings = _settings()
@@ -668,46 +669,94 @@ def info() -> None:
         click.echo(
             "queues    " + ", ".join(f"{k} {'?' if v is None else v}" for k, v in lengths.items())
         )
-        workers = live_workers(app)
-        click.echo("workers   " + (", ".join(workers) if workers else "none answering"))
+        details = worker_details(app)
+        names = [w.name for w in details] or live_workers(app)
+        click.echo("workers   " + (", ".join(names) if names else "none answering"))
+        for detail in details:
+            click.echo(worker_line(detail))
     except Exception as exc:
         click.echo(f"queues    unavailable: {type(exc).__name__}")
 
 
 @main.command()
 @click.argument("refs", nargs=-1, metavar="IDS...")
-@click.option("--sweep", default=None)
-@click.option("-o", "--output", default="losses.png", show_default=True, type=click.Path())
+@click.option("--sweep", default=None, help="Every job of a sweep, coloured by what it varies.")
+@click.option(
+    "-o", "--output", default="losses.png", show_default=True, help="A .png, .svg or .pdf file."
+)
 @click.option("--log/--linear", "log_scale", default=True, show_default=True)
-def plot(refs: tuple[str, ...], sweep: str | None, output: str, log_scale: bool) -> None:
-    """Plot the loss histories of jobs to a PNG."""
+@click.option(
+    "--y",
+    "y_axis",
+    type=click.Choice(["loss", "gap"]),
+    default="loss",
+    show_default=True,
+    help="Loss per row, or its distance to the least-squares optimum.",
+)
+@click.option("--test", is_flag=True, help="Add the test losses, dashed.")
+@click.option("--terminal", is_flag=True, help="Draw the curves here, as text.")
+def plot(
+    refs: tuple[str, ...],
+    sweep: str | None,
+    output: str,
+    log_scale: bool,
+    y_axis: str,
+    test: bool,
+    terminal: bool,
+) -> None:
+    """Plot loss histories (mean squared error per row) of jobs or a sweep."""
+    import shutil
+
+    from service import plots
+    from service.models import Dataset, Sweep
+
     if not refs and not sweep:
         raise InputError("IDS: give job ids (or prefixes), or --sweep")
+    if test and y_axis == "gap":
+        raise InputError("--test: only with --y loss (the optimum is the training rows')")
+    if not terminal:
+        plots.file_format(output)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("plot: needs matplotlib (pip install 'lrq[plot]')") from None
     url = _url()
     found = _select(refs, None, sweep, None, url)
     with db.transaction(url) as session:
         frame = jobs.history_frame([j.id for j in found], session=session)
-    try:
-        import matplotlib
+        dataset_ids = {j.dataset_id for j in found if j.dataset_id}
+        dataset_rows = {
+            d.id: d.n_rows for d in (session.get(Dataset, i) for i in dataset_ids) if d is not None
+        }
+        varied: list[str] = []
+        title = ""
+        if sweep:
+            from service.sweeps import axes
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("plot: needs matplotlib (pip install 'lrq[plot]')") from None
-    names = {j.id: j.name for j in found}
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for job_id, group in frame.groupby("job_id"):
-        axis.plot(
-            group["epoch"], group["train_loss"], label=f"{names[str(job_id)]} ({str(job_id)[:8]})"
+            found_sweep = session.get(Sweep, jobs.resolve_sweep(sweep, session=session))
+            assert found_sweep is not None
+            varied = [path for path, _ in axes(found_sweep)]
+            title = f"sweep {found_sweep.name} ({found_sweep.id[:8]}): {len(found)} jobs"
+    lines = plots.curves(found, frame, y=y_axis, dataset_rows=dataset_rows, varied=varied)
+    if not lines:
+        raise InputError("IDS: no epochs recorded yet for these jobs")
+    if terminal:
+        size = shutil.get_terminal_size((100, 30))
+        click.echo(
+            plots.text_plot(
+                lines,
+                log=log_scale,
+                y=y_axis,
+                test=test,
+                width=size.columns,
+                height=size.lines - 2,
+                colour=sys.stdout.isatty(),
+            )
         )
-    if log_scale:
-        axis.set_yscale("log")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("train loss")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    click.echo(f"wrote {output}")
+        return
+    fig = plots.figure(lines, varied=varied, log=log_scale, y=y_axis, test=test, title=title)
+    plots.save(fig, output)
+    click.echo(f"wrote {output} ({len(lines)} curves)")
 
 
 @main.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field
@@ -54,6 +55,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0)
     #: Seconds between a worker's reconciler passes.
     reconcile_interval: float = Field(30.0, gt=0)
+    #: Celery task events (sent and started/succeeded/failed), for Flower to show the work.
+    task_events: bool = True
+    #: Worker log lines: ``text`` (Celery's layout, naming the job) or ``json`` (one object a line).
+    log_format: Literal["text", "json"] = "text"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

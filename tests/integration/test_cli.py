@@ -252,6 +252,11 @@ def test_registered_datasets_and_data_files(lrq_env: dict[str, str], tmp_path: P
     assert jobs["by-path"].result["weights"] == expected["weights"]
     assert len(jobs["by-name"].result["weights"]) == 3
 
+    workers = [line.split() for line in info if line.startswith("  ")]  # one line per worker
+    assert [w[0].startswith("lrq-cpu@") and w[-2:] == ["running", "idle"] for w in workers] == [
+        True
+    ]
+    info = [line for line in info if not line.startswith("  ")]
     keys = [line.split()[0] for line in info]
     assert keys == ["database", "broker", "jobs", "queues", "workers"]
     values = {line.split()[0]: line.split(None, 1)[1] for line in info}

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pexpect
 import pytest
 
@@ -255,3 +256,97 @@ def test_submit_wait_shows_progress(sqlite_env: dict[str, str], tmp_path: Path) 
         line.split()[1:4] == [job_id[:12], "succeeded", "5/5"]
         for line in waited.stderr.splitlines()
     )
+
+
+def test_plots_per_row_losses_colour_bars_and_formats(
+    sqlite_env: dict[str, str], tmp_path: Path
+) -> None:
+    import xml.etree.ElementTree as ET
+
+    from matplotlib.colors import to_hex
+    from PIL import Image
+
+    from service import db, jobs, plots
+    from service.sweeps import sweep_jobs
+    from tests.support import epoch_losses
+
+    url = sqlite_env["LRQ_DATABASE_URL"]
+    # Full batch: a `mean` run with lr·n follows the `sum` run with lr exactly, per row.
+    rows = 1500  # the sweep spec's 2000 rows less its 25% test fraction
+    full = ("--set", "batch_size=null", "--set", "epochs=40")
+    [summed] = submit_ids(
+        SWEEP_SPEC, *full, "--set", "loss.reduction=sum", "--set", "optimizer.lr=2e-5"
+    )
+    [averaged] = submit_ids(
+        SWEEP_SPEC, *full, "--set", "loss.reduction=mean", "--set", f"optimizer.lr={2e-5 * rows}"
+    )
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    quiet = run_cli(
+        "submit", SWEEP_SPEC, "--grid", "optimizer.lr=" + ",".join(map(str, lrs)),
+        "--grid", "batch_size=64,512", "-q",
+    )  # fmt: skip
+    sweep_id = quiet.stdout.split()[2]
+    ids = [line for line in quiet.stdout.splitlines() if not line.startswith("#")]
+    with worker(sqlite_env, tmp_path / "worker.log") as process:
+        wait_jobs(url, [summed, averaged, *ids], timeout=120, workers=[process])
+
+    one = tmp_path / "two.png"
+    made = lrq_process(sqlite_env, "plot", summed, averaged, "-o", str(one), "--test")
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip() == f"wrote {one} (2 curves)"
+    with Image.open(one) as image:
+        assert image.format == "PNG"
+        assert image.size == (int(plots.PANEL[0] * plots.DPI), int(plots.PANEL[1] * plots.DPI))
+    # The figure's own data: curves per row, equal for the two reductions, against the history.
+    with db.transaction(url) as session:
+        found = jobs.find_jobs(session=session, ids=[summed, averaged])
+        frame = jobs.history_frame([summed, averaged], session=session)
+    lines = plots.curves(found, frame, y="loss", dataset_rows={})
+    fig = plots.figure(lines, test=True)
+    drawn = {line.get_gid(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert set(drawn) == {summed, averaged, f"{summed}:test", f"{averaged}:test"}
+    assert drawn[summed] == [loss / rows for _, loss in epoch_losses(url, summed)]
+    assert drawn[averaged] == [loss for _, loss in epoch_losses(url, averaged)]
+    assert all(
+        abs(a - b) <= 1e-9 * abs(b) for a, b in zip(drawn[summed], drawn[averaged], strict=True)
+    )
+    assert fig.axes[0].get_ylabel() == "loss: mean squared error per row"
+    assert all(line.get_linestyle() == "--" for line in fig.axes[0].get_lines()[1::2])
+
+    # A sweep of two parameters: one panel per batch size, coloured by lr with a colour bar.
+    vector = tmp_path / "sweep.svg"
+    made = run_cli("plot", "--sweep", sweep_id[:8], "-o", str(vector), "--y", "gap")
+    assert made.exit_code == 0, made.output
+    groups = {g.get("id") for g in ET.parse(vector).iter("{http://www.w3.org/2000/svg}g")}
+    assert set(ids) <= groups and len(ids) == 10
+    with db.transaction(url) as session:
+        _, members = sweep_jobs(sweep_id, session=session)
+        frame = jobs.history_frame(ids, session=session)
+    varied = ["optimizer.lr", "batch_size"]
+    fig = plots.figure(plots.curves(members, frame, y="gap", dataset_rows={}, varied=varied),
+                       varied=varied, y="gap")  # fmt: skip
+    panels = [axis for axis in fig.axes if axis.get_title()]
+    assert [axis.get_title() for axis in panels] == ["batch_size = 64", "batch_size = 512"]
+    assert [len(axis.get_lines()) for axis in panels] == [5, 5]
+    assert [axis.get_ylabel() for axis in fig.axes if not axis.get_title()] == ["optimizer.lr"]
+    colours = [to_hex(line.get_color()) for line in panels[0].get_lines()]
+    assert len(set(colours)) == 5  # one colour per lr, on a continuous map
+    assert panels[0].get_ylabel() == "optimum gap: MSE per row minus the least-squares MSE"
+    for job in members:
+        [line] = [ln for axis in panels for ln in axis.get_lines() if ln.get_gid() == job.id]
+        optimum = job.result["optimum_loss"]  # a `mean` run: already per row
+        expected = [loss - optimum for _, loss in epoch_losses(url, job.id)]
+        # On a log axis a gap at or below zero cannot be drawn: it is left out (NaN).
+        for drawn_value, value in zip(line.get_ydata(), expected, strict=True):
+            assert drawn_value == value or (value <= 0 and np.isnan(drawn_value))
+
+    # An unknown extension is refused before anything is read or written.
+    refused = run_cli("plot", summed, "-o", str(tmp_path / "plot.jpg"))
+    assert refused.exit_code == 2
+    assert refused.stderr.startswith("error: -o: unknown plot format '.jpg'")
+    assert not (tmp_path / "plot.jpg").exists()
+    # In the terminal: the curves as text.
+    text = run_cli("plot", "--sweep", sweep_id, "--terminal")
+    assert text.exit_code == 0, text.output
+    assert "epoch" in text.stdout and "\x1b" not in text.stdout
+    assert sum(c in "⠁⠂⠄⡀⢀⠠⠐⠈⣀⠤⠒⠉" for c in text.stdout) > 20
