@@ -637,6 +637,37 @@ def datasets_list(fmt: str) -> None:
     click.echo(render(rows, ("id", "name", "target", "features", "rows", "bytes", "created"), fmt))
 
 
+@datasets.command("show")
+@click.argument("ref", metavar="NAME")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def datasets_show(ref: str, fmt: str) -> None:
+    """Shape, columns, summary statistics and the least-squares fit of a dataset."""
+    from service.dataset_views import STAT_COLUMNS, describe
+
+    with db.transaction(_url()) as session:
+        summary = describe(jobs.find_dataset(ref, session=session))
+    if fmt == "json":
+        click.echo(json.dumps(summary, default=_json_default, indent=2))
+        return
+    fit = summary["fit"]
+    click.echo(f"{summary['name']}  {summary['id'][:12]}  {summary['rows']} rows x "
+               f"{summary['features']} features, target {summary['target']}")  # fmt: skip
+    click.echo(render(summary["columns"], STAT_COLUMNS, "table"))
+    r2 = "" if fit["r2"] is None else f"  r2 {fit['r2']:.6g}"
+    click.echo(f"least squares: bias {fit['bias']:.6g}  mse per row {fit['mse']:.6g}{r2}")
+
+
+@datasets.command("rm")
+@click.argument("ref", metavar="NAME")
+def datasets_rm(ref: str) -> None:
+    """Remove a dataset (refused while a job refers to it)."""
+    from service.dataset_views import remove
+
+    with db.transaction(_url()) as session:
+        gone = remove(ref, session=session)
+        click.echo(f"removed {gone.id[:12]}  {gone.name}")
+
+
 # -- info, plot, demo -----------------------------------------------------------------------
 
 
