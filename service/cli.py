@@ -229,6 +229,7 @@ def submit(
     """Validate a spec (or a sweep of it), record the jobs and queue them."""
     from service import dispatch, spec
     from service.errors import BrokerError
+    from service.routing import gpu_worker_live
     from service.submission import submit as submit_jobs
 
     settings = _settings()
@@ -242,6 +243,7 @@ def submit(
             queue=queue,
             settings=settings,
             session=session,
+            gpu_live=lambda: gpu_worker_live(_app()),
         )
         pairs = [(job.id, job.queue) for job in submission.jobs]
     ids = [job_id for job_id, _ in pairs]
