@@ -93,8 +93,18 @@ def test_show_and_rm(lrq_env: dict[str, str], tmp_path: Path) -> None:
         f"error: datasets rm: 'points' is used by 1 job(s) (e.g. {job_id[:12]}); "
         "it stays while a job refers to it"
     )
+    still = subprocess.run(
+        [sys.executable, "-m", "service.cli", "datasets", "rm", "points"],
+        env={**lrq_env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (still.returncode, still.stderr) == (1, refused.stderr)
     removed = run_cli("datasets", "rm", "unused")
     assert removed.exit_code == 0, removed.output
+    assert removed.stdout.split()[::2] == ["removed", "unused"]
     listed = json.loads(run_cli("datasets", "list", "--format", "json").stdout)
     assert [d["name"] for d in listed] == ["points"]
     missing = run_cli("datasets", "show", "unused")

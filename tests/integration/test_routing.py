@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,5 +71,17 @@ def test_auto_goes_to_a_live_gpu_worker_only_when_large_enough(
         assert done.result["device"] == "cpu"  # auto without CUDA trains on the CPU
         info = run_cli("info").stdout
         assert f"  {name}  host {socket.gethostname()}  queues gpu" in info
+        as_process = subprocess.run(
+            [sys.executable, "-m", "service.cli", "info"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert as_process.returncode == 0, as_process.stderr
+        assert f"  {name}  host {socket.gethostname()}  queues gpu  gpus all visible" in (
+            as_process.stdout
+        )
     finally:
         worker.stop()

@@ -101,6 +101,9 @@ def test_sweep_show_list_compare_in_grid_order(lrq_env: dict[str, str], tmp_path
     assert frame.to_dict("records") == rows
     ranked = json.loads(ok("sweep", "show", sweep_id, "--sort", "optimum_gap", "--format", "json"))
     assert [r["optimum_gap"] for r in ranked] == sorted(r["optimum_gap"] for r in rows)
+    as_process = lrq_process(env, "sweep", "show", sweep_id, "--format", "csv")
+    assert as_process.returncode == 0, as_process.stderr
+    assert [line.split(",")[8] for line in as_process.stdout.splitlines()[1:]] == ids
     table = ok("sweep", "show", sweep_id).splitlines()
     assert table[0].split()[:3] == ["OPTIMIZER.LR", "BATCH_SIZE", "TRAIN_LOSS"]
     marked = [line for line in table[1:] if line.rstrip().endswith("*")]
@@ -133,6 +136,9 @@ def test_sweep_show_list_compare_in_grid_order(lrq_env: dict[str, str], tmp_path
     loss = fields["train_loss"]
     assert (loss["a"], loss["b"]) == (a.result["train_loss"], b.result["train_loss"])
     assert loss["change"] == b.result["train_loss"] - a.result["train_loss"]
+    compared = lrq_process(env, "results", "--compare", a.id, b.id)
+    assert compared.returncode == 0, compared.stderr
+    assert compared.stdout.splitlines()[1].split()[:3] == ["spec.batch_size", "256", "32"]
     one = run_cli("results", "--compare", a.id)
     assert one.exit_code == 2 and "--compare: give exactly two job ids" in one.stderr
     # A single job's results end with a sparkline of its loss history.
