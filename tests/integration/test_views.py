@@ -225,9 +225,11 @@ def test_watch_without_a_terminal_prints_plain_lines(
         stderr=subprocess.PIPE,
         text=True,
     )
-    with worker(sqlite_env, tmp_path / "worker.log"):
+    with worker(sqlite_env, tmp_path / "worker.log") as process:
         out, err = watching.communicate(timeout=120)
     assert watching.returncode == 0, err
+    for job_id in ids:  # the worker's text log names the job on each of its lines
+        assert f"] job {job_id}: Task lrq.run_job[{job_id}] succeeded in " in process.text()
     assert "\x1b" not in out
     lines = out.splitlines()
     assert lines[-1] == "-- 2 succeeded"
