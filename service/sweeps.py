@@ -175,10 +175,14 @@ def list_sweeps(*, session: Session, now: dt.datetime | None = None) -> list[dic
         .group_by(Job.sweep_id, Job.state)
     ):
         counts.setdefault(str(sweep_id), Counter())[state] = int(count)
+    succeeded: dict[str, list[Job]] = {s.id: [] for s in sweeps}
+    for job in session.scalars(
+        select(Job).where(Job.sweep_id.in_(list(succeeded)) & (Job.state == "succeeded"))
+    ):
+        succeeded[str(job.sweep_id)].append(job)
     rows = []
     for sweep in sweeps:
-        found = jobs.find_jobs(session=session, sweep_id=sweep.id, state="succeeded")
-        best = [r for r in point_rows(sweep, found) if r["best"]]
+        best = [r for r in point_rows(sweep, succeeded[sweep.id]) if r["best"]]
         metric = "test_loss" if best and best[0]["test_loss"] is not None else "train_loss"
         tally = counts[sweep.id]
         rows.append(
