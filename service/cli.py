@@ -119,16 +119,6 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: str) -> 
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _age(when: dt.datetime | None) -> str:
-    if when is None:
-        return ""
-    seconds = int((jobs.utcnow() - when).total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{max(seconds, 0)}s"
-
-
 # -- run ------------------------------------------------------------------------------------
 
 
@@ -186,17 +176,32 @@ def _print_summary(name: str, summary: dict[str, Any]) -> None:
 
 
 def _wait(job_ids: Sequence[str], url: str, timeout: float | None, quiet: bool) -> int:
+    from service import views
+
     deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
+
+    def fetch() -> tuple[list[Any], int]:
         with db.transaction(url) as session:
-            found = jobs.find_jobs(session=session, ids=job_ids)
-        states = [j.state for j in found]
-        if all(s in ("succeeded", "failed", "diverged", "cancelled") for s in states):
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            click.echo(f"error: --timeout: jobs still unfinished after {timeout:g}s", err=True)
-            return 1
-        time.sleep(0.5)
+            return jobs.find_jobs(session=session, ids=job_ids), 0
+
+    if quiet:
+        while not views.all_finished(found := fetch()[0]):
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    else:
+        # Progress goes to stderr: stdout keeps the ids and final states for scripts.
+        found = views.watch(
+            fetch,
+            stream=sys.stderr,
+            interval=0.5,
+            grouped=len(job_ids) > views.GROUP_ABOVE,
+            deadline=deadline,
+        )
+    states = [j.state for j in found]
+    if not views.all_finished(found):
+        click.echo(f"error: --timeout: jobs still unfinished after {timeout:g}s", err=True)
+        return 1
     if not quiet:
         for job in found:
             detail = f" ({job.error})" if job.error else ""
@@ -224,6 +229,7 @@ def submit(
     """Validate a spec (or a sweep of it), record the jobs and queue them."""
     from service import dispatch, spec
     from service.errors import BrokerError
+    from service.routing import gpu_worker_live
     from service.submission import submit as submit_jobs
 
     settings = _settings()
@@ -237,11 +243,13 @@ def submit(
             queue=queue,
             settings=settings,
             session=session,
+            gpu_live=lambda: gpu_worker_live(_app()),
         )
         pairs = [(job.id, job.queue) for job in submission.jobs]
     ids = [job_id for job_id, _ in pairs]
-    if submission.sweep_id and not quiet:
-        click.echo(f"sweep {submission.sweep_id}")
+    if submission.sweep_id:
+        # Marked with "#" under -q, so `grep -v '^#'` leaves only job ids.
+        click.echo(f"# sweep {submission.sweep_id}" if quiet else f"sweep {submission.sweep_id}")
     for job in submission.jobs:
         click.echo(job.id if quiet else f"{job.id}  {job.name}  queue={job.queue}")
     try:
@@ -257,22 +265,6 @@ def submit(
 
 # -- status and results ---------------------------------------------------------------------
 
-STATUS_COLUMNS = ("id", "name", "backend", "device", "state", "epoch", "last_loss", "worker", "age")
-
-
-def _status_row(job: Any, short: bool) -> dict[str, Any]:
-    return {
-        "id": job.id[:12] if short else job.id,
-        "name": job.name,
-        "backend": job.backend,
-        "device": job.device,
-        "state": job.state,
-        "epoch": f"{job.epochs_done}/{job.epochs_total}",
-        "last_loss": job.last_loss,
-        "worker": job.worker or "",
-        "age": _age(job.created_at),
-    }
-
 
 def _select(
     refs: Sequence[str],
@@ -282,12 +274,16 @@ def _select(
     url: str,
     limit: int | None = None,
 ) -> list[Any]:
+    """Jobs by filters, oldest first; the jobs of a sweep in its grid order."""
+    from service.sweeps import in_grid_order
+
     with db.transaction(url) as session:
         ids = jobs.resolve_ids(refs, session=session) if refs else None
         sweep_id = jobs.resolve_sweep(sweep, session=session) if sweep else None
-        return jobs.find_jobs(
+        found = jobs.find_jobs(
             session=session, ids=ids, state=state, sweep_id=sweep_id, name=name, limit=limit
         )
+        return in_grid_order(found, session=session)
 
 
 STATE_CHOICE = click.Choice(["queued", "running", "succeeded", "failed", "diverged", "cancelled"])
@@ -296,10 +292,16 @@ STATE_CHOICE = click.Choice(["queued", "running", "succeeded", "failed", "diverg
 @main.command()
 @click.argument("refs", nargs=-1, metavar="[IDS]...")
 @click.option("--state", type=STATE_CHOICE, default=None)
-@click.option("--sweep", default=None, help="Jobs of one sweep (id or prefix).")
+@click.option("--sweep", default=None, help="Jobs of one sweep (id or prefix), in grid order.")
 @click.option("--name", default=None, help="Jobs with this name.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Newest N jobs.")
-@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until all are finished.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Newest N jobs [default: 20; every job of the ids or sweep given].",
+)
+@click.option("--all", "show_all", is_flag=True, help="Every job, however many.")
+@click.option("--watch", is_flag=True, help="Redraw in place until every job shown has finished.")
 @click.option("--format", "fmt", type=FORMATS, default="table")
 def status(
     refs: tuple[str, ...],
@@ -307,18 +309,37 @@ def status(
     sweep: str | None,
     name: str | None,
     limit: int | None,
+    show_all: bool,
     watch: bool,
     fmt: str,
 ) -> None:
-    """Show jobs: state, progress, last loss, worker."""
+    """Show jobs, newest first: state, progress, last loss, worker."""
+    from service import views
+
     url = _url()
+    if limit is None and not (show_all or refs or sweep):
+        limit = views.DEFAULT_LIMIT
+
+    def fetch() -> tuple[list[Any], int]:
+        with db.transaction(url) as session:
+            return views.select_page(
+                session, refs=refs, state=state, sweep=sweep, name=name, limit=limit
+            )
+
+    if watch and fmt == "table":
+        views.watch(fetch, stream=sys.stdout, interval=2.0)
+        return
     while True:
-        found = _select(refs, state, sweep, name, url, limit)
-        text = render([_status_row(j, fmt == "table") for j in found], STATUS_COLUMNS, fmt)
-        if watch and fmt == "table":
-            click.clear()
-        click.echo(text)
-        if not watch or all(j.state not in ("queued", "running") for j in found):
+        found, left_out = fetch()
+        if fmt == "table":
+            text = render([views.table_row(j) for j in found], views.TABLE_COLUMNS, fmt)
+            click.echo(text + (f"\n{views.left_out_line(left_out)}" if left_out else ""))
+        else:
+            records = [views.status_record(j) for j in found]
+            click.echo(render(records, views.STATUS_FIELDS, fmt))
+            if left_out:
+                click.echo(views.left_out_line(left_out), err=True)
+        if not watch or views.all_finished(found):
             return
         time.sleep(2)
 
@@ -343,6 +364,7 @@ RESULT_COLUMNS = (
 @click.option("--sweep", default=None, help="Every job of a sweep.")
 @click.option("--history", is_flag=True, help="Per-epoch losses instead of the summary.")
 @click.option("--all-columns", is_flag=True, help="Every summary field and spec parameter.")
+@click.option("--compare", is_flag=True, help="Two jobs: where their specs and results differ.")
 @click.option("--format", "fmt", type=FORMATS, default="table")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None)
 def results(
@@ -350,6 +372,7 @@ def results(
     sweep: str | None,
     history: bool,
     all_columns: bool,
+    compare: bool,
     fmt: str,
     output: str | None,
 ) -> None:
@@ -358,6 +381,13 @@ def results(
         raise InputError("IDS: give job ids (or prefixes), or --sweep")
     url = _url()
     found = _select(refs, None, sweep, None, url)
+    if compare:
+        from service.sweeps import compare as compare_jobs
+
+        if len(found) != 2 or sweep:
+            raise InputError("--compare: give exactly two job ids")
+        click.echo(render(compare_jobs(*found), ("field", "a", "b", "change"), fmt))
+        return
     if history:
         with db.transaction(url) as session:
             frame = jobs.history_frame([j.id for j in found], session=session)
@@ -376,11 +406,71 @@ def results(
             if isinstance(value, float) and math.isnan(value):
                 row[key] = None
     text = render(rows, columns, fmt)
+    if fmt == "table" and not history and not output and len(found) == 1:
+        from service.views import loss_line
+
+        with db.transaction(url) as session:
+            frame = jobs.history_frame([found[0].id], session=session)
+        text += "\n" + loss_line(found[0].id, [float(v) for v in frame["train_loss"]])
     if output:
         Path(output).write_text(text + "\n")
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
         click.echo(text)
+
+
+@main.command("sweeps")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def sweeps_list(fmt: str) -> None:
+    """One line per sweep, newest first: size, jobs per state, the best value, age."""
+    from service import sweeps as sweeps_module
+    from service import views
+
+    with db.transaction(_url()) as session:
+        rows = sweeps_module.list_sweeps(session=session)
+    if fmt != "table":
+        click.echo(render(rows, sweeps_module.SWEEP_COLUMNS, fmt))
+        return
+    shown = [
+        {
+            "id": row["id"][:12],
+            "name": row["name"],
+            "size": row["size"],
+            "states": ", ".join(f"{row[s]} {s}" for s in STATE_CHOICE.choices if row[s]),
+            "best": ""
+            if row["best_value"] is None
+            else f"{row['best_metric']} {row['best_value']:.6g}",
+            "age": views.age(row["created_at"]),
+        }
+        for row in rows
+    ]
+    click.echo(render(shown, ("id", "name", "size", "states", "best", "age"), fmt))
+
+
+@main.group(cls=LrqGroup)
+def sweep() -> None:
+    """One sweep's grid points."""
+
+
+@sweep.command("show")
+@click.argument("ref", metavar="SWEEP")
+@click.option("--sort", default=None, help="Order by a metric, lowest first (e.g. test_loss).")
+@click.option("--format", "fmt", type=FORMATS, default="table")
+def sweep_show(ref: str, sort: str | None, fmt: str) -> None:
+    """One row per grid point: the varied parameters, losses, optimum gap, epochs, time."""
+    from service import sweeps as sweeps_module
+
+    with db.transaction(_url()) as session:
+        found_sweep, found = sweeps_module.sweep_jobs(
+            jobs.resolve_sweep(ref, session=session), session=session
+        )
+        rows = sweeps_module.point_rows(found_sweep, found, sort=sort)
+        columns = sweeps_module.point_columns(found_sweep)
+    if fmt == "table":
+        for row in rows:
+            row["id"] = row["id"][:12]
+            row["best"] = "*" if row["best"] else ""
+    click.echo(render(rows, columns, fmt))
 
 
 # -- cancel, retry, reconcile ---------------------------------------------------------------
@@ -550,6 +640,37 @@ def datasets_list(fmt: str) -> None:
     click.echo(render(rows, ("id", "name", "target", "features", "rows", "bytes", "created"), fmt))
 
 
+@datasets.command("show")
+@click.argument("ref", metavar="NAME")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def datasets_show(ref: str, fmt: str) -> None:
+    """Shape, columns, summary statistics and the least-squares fit of a dataset."""
+    from service.dataset_views import STAT_COLUMNS, describe
+
+    with db.transaction(_url()) as session:
+        summary = describe(jobs.find_dataset(ref, session=session))
+    if fmt == "json":
+        click.echo(json.dumps(summary, default=_json_default, indent=2))
+        return
+    fit = summary["fit"]
+    click.echo(f"{summary['name']}  {summary['id'][:12]}  {summary['rows']} rows x "
+               f"{summary['features']} features, target {summary['target']}")  # fmt: skip
+    click.echo(render(summary["columns"], STAT_COLUMNS, "table"))
+    r2 = "" if fit["r2"] is None else f"  r2 {fit['r2']:.6g}"
+    click.echo(f"least squares: bias {fit['bias']:.6g}  mse per row {fit['mse']:.6g}{r2}")
+
+
+@datasets.command("rm")
+@click.argument("ref", metavar="NAME")
+def datasets_rm(ref: str) -> None:
+    """Remove a dataset (refused while a job refers to it)."""
+    from service.dataset_views import remove
+
+    with db.transaction(_url()) as session:
+        gone = remove(ref, session=session)
+        click.echo(f"removed {gone.id[:12]}  {gone.name}")
+
+
 # -- info, plot, demo -----------------------------------------------------------------------
 
 
@@ -558,6 +679,7 @@ def info() -> None:
     """Where lrq points, queue lengths, live workers and jobs per state (no secrets shown)."""
     from sqlalchemy.exc import DBAPIError
 
+    from service.monitor import worker_details, worker_line
     from service.queue import live_workers, mask_broker_url, queue_lengths
 
     settings = _settings()
@@ -581,46 +703,94 @@ def info() -> None:
         click.echo(
             "queues    " + ", ".join(f"{k} {'?' if v is None else v}" for k, v in lengths.items())
         )
-        workers = live_workers(app)
-        click.echo("workers   " + (", ".join(workers) if workers else "none answering"))
+        details = worker_details(app)
+        names = [w.name for w in details] or live_workers(app)
+        click.echo("workers   " + (", ".join(names) if names else "none answering"))
+        for detail in details:
+            click.echo(worker_line(detail))
     except Exception as exc:
         click.echo(f"queues    unavailable: {type(exc).__name__}")
 
 
 @main.command()
 @click.argument("refs", nargs=-1, metavar="IDS...")
-@click.option("--sweep", default=None)
-@click.option("-o", "--output", default="losses.png", show_default=True, type=click.Path())
+@click.option("--sweep", default=None, help="Every job of a sweep, coloured by what it varies.")
+@click.option(
+    "-o", "--output", default="losses.png", show_default=True, help="A .png, .svg or .pdf file."
+)
 @click.option("--log/--linear", "log_scale", default=True, show_default=True)
-def plot(refs: tuple[str, ...], sweep: str | None, output: str, log_scale: bool) -> None:
-    """Plot the loss histories of jobs to a PNG."""
+@click.option(
+    "--y",
+    "y_axis",
+    type=click.Choice(["loss", "gap"]),
+    default="loss",
+    show_default=True,
+    help="Loss per row, or its distance to the least-squares optimum.",
+)
+@click.option("--test", is_flag=True, help="Add the test losses, dashed.")
+@click.option("--terminal", is_flag=True, help="Draw the curves here, as text.")
+def plot(
+    refs: tuple[str, ...],
+    sweep: str | None,
+    output: str,
+    log_scale: bool,
+    y_axis: str,
+    test: bool,
+    terminal: bool,
+) -> None:
+    """Plot loss histories (mean squared error per row) of jobs or a sweep."""
+    import shutil
+
+    from service import plots
+    from service.models import Dataset, Sweep
+
     if not refs and not sweep:
         raise InputError("IDS: give job ids (or prefixes), or --sweep")
+    if test and y_axis == "gap":
+        raise InputError("--test: only with --y loss (the optimum is the training rows')")
+    if not terminal:
+        plots.file_format(output)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("plot: needs matplotlib (pip install 'lrq[plot]')") from None
     url = _url()
     found = _select(refs, None, sweep, None, url)
     with db.transaction(url) as session:
         frame = jobs.history_frame([j.id for j in found], session=session)
-    try:
-        import matplotlib
+        dataset_ids = {j.dataset_id for j in found if j.dataset_id}
+        dataset_rows = {
+            d.id: d.n_rows for d in (session.get(Dataset, i) for i in dataset_ids) if d is not None
+        }
+        varied: list[str] = []
+        title = ""
+        if sweep:
+            from service.sweeps import axes
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("plot: needs matplotlib (pip install 'lrq[plot]')") from None
-    names = {j.id: j.name for j in found}
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for job_id, group in frame.groupby("job_id"):
-        axis.plot(
-            group["epoch"], group["train_loss"], label=f"{names[str(job_id)]} ({str(job_id)[:8]})"
+            found_sweep = session.get(Sweep, jobs.resolve_sweep(sweep, session=session))
+            assert found_sweep is not None
+            varied = [path for path, _ in axes(found_sweep)]
+            title = f"sweep {found_sweep.name} ({found_sweep.id[:8]}): {len(found)} jobs"
+    lines = plots.curves(found, frame, y=y_axis, dataset_rows=dataset_rows, varied=varied)
+    if not lines:
+        raise InputError("IDS: no epochs recorded yet for these jobs")
+    if terminal:
+        size = shutil.get_terminal_size((100, 30))
+        click.echo(
+            plots.text_plot(
+                lines,
+                log=log_scale,
+                y=y_axis,
+                test=test,
+                width=size.columns,
+                height=size.lines - 2,
+                colour=sys.stdout.isatty(),
+            )
         )
-    if log_scale:
-        axis.set_yscale("log")
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("train loss")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    click.echo(f"wrote {output}")
+        return
+    fig = plots.figure(lines, varied=varied, log=log_scale, y=y_axis, test=test, title=title)
+    plots.save(fig, output)
+    click.echo(f"wrote {output} ({len(lines)} curves)")
 
 
 @main.command()

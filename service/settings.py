@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field
@@ -60,6 +61,13 @@ class Settings(BaseSettings):
     torch_threads: int = Field(0, ge=0)
     #: Seconds between a worker's reconciler passes.
     reconcile_interval: float = Field(30.0, gt=0)
+    #: A ``device: auto`` torch job goes to a live GPU worker when one step's batch holds at
+    #: least this many values (rows x features); see benchmarks/bench_auto_device.py.
+    auto_gpu_min_batch_elements: int = Field(1_000_000, gt=0)
+    #: Celery task events (sent and started/succeeded/failed), for Flower to show the work.
+    task_events: bool = True
+    #: Worker log lines: ``text`` (Celery's layout, naming the job) or ``json`` (one object a line).
+    log_format: Literal["text", "json"] = "text"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from service import jobs, spec
 from service.errors import DataError, InputError
 from service.models import Dataset, Job
+from service.routing import AutoRouter
 from service.settings import Settings
 
 
@@ -86,6 +87,19 @@ def _pin(job: spec.JobSpec, dataset: Dataset, settings: Settings) -> spec.JobSpe
     return spec.JobSpec.model_validate(document)
 
 
+def _shape(job: spec.JobSpec, session: Session) -> tuple[int, int]:
+    """Training rows and features of a pinned spec."""
+    data = job.data
+    if data.synthetic is not None:
+        return job.n_train_rows(), data.synthetic.n_features
+    dataset = session.get(Dataset, data.dataset)
+    assert dataset is not None  # pinned above
+    rows = dataset.n_rows
+    if data.test is not None and data.test.fraction is not None:
+        rows -= spec.held_out_rows(rows, data.test.fraction)
+    return rows, len(data.features or dataset.features)
+
+
 def submit(
     document: dict[str, Any],
     *,
@@ -94,8 +108,12 @@ def submit(
     queue: str | None,
     settings: Settings,
     session: Session,
+    gpu_live: Callable[[], bool] | None = None,
 ) -> Submission:
-    """Validate everything, register data files, then insert the jobs (not yet published)."""
+    """Validate everything, register data files, then insert the jobs (not yet published).
+
+    ``gpu_live`` says whether a GPU worker is up; with it, ``device: auto`` jobs large enough
+    to gain from a GPU go to the gpu queue."""
     document = spec.apply_overrides(document, overrides)
     specs = spec.expand(document, grid, max_points=settings.max_grid_points)
     if queue is not None and not queue.replace("-", "").replace("_", "").isalnum():
@@ -111,4 +129,16 @@ def submit(
         queue=queue,
         sweep=(document, list(grid)) if grid else None,
     )
+    if queue is None and gpu_live is not None:
+        router = AutoRouter(gpu_live)
+        for job_spec, job in zip(pinned, created, strict=True):
+            if job_spec.device == "auto":
+                rows, features = _shape(job_spec, session)
+                job.queue = router.queue(
+                    job_spec,
+                    rows=rows,
+                    features=features,
+                    min_elements=settings.auto_gpu_min_batch_elements,
+                )
+        session.flush()
     return Submission(jobs=created, sweep_id=created[0].sweep_id if grid else None)

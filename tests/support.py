@@ -197,10 +197,11 @@ FINISHED = ("succeeded", "failed", "diverged", "cancelled")
 
 
 def submit_ids(*args: str) -> list[str]:
-    """`lrq submit ARGS -q` in this process; the ids of the jobs it recorded."""
+    """`lrq submit ARGS -q` in this process; the ids of the jobs it recorded (a sweep's id comes
+    first on a line marked with "#")."""
     result = run_cli("submit", *args, "-q")
     assert result.exit_code == 0, result.output
-    return result.stdout.split()
+    return [line for line in result.stdout.split("\n") if line and not line.startswith("#")]
 
 
 def load_jobs(url: str, ids: Sequence[str] | None = None) -> list[Any]:

@@ -21,6 +21,7 @@ from service.models import Dataset
 from service.settings import Settings
 from service.spec import JobSpec
 from workers.engines.base import Checkpoint, EpochRecord, RunResult
+from workers.monitor import configure_logging, register_info_command
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -232,6 +233,10 @@ def execute_job(job_id: str, settings: Settings) -> str:
 # -- Celery glue ----------------------------------------------------------------------------
 
 
+class JobNotSucceededError(Exception):
+    """The task's outcome when its job failed, diverged, was cancelled or lost its lease."""
+
+
 def _job_id(request: Request) -> str | None:
     args = request.args
     return str(args[0]) if args else None
@@ -297,9 +302,26 @@ def register_tasks(
     """Attach the job task (and the worker's process hooks) to an app."""
     request_class = type("BoundJobRequest", (JobRequest,), {"settings": settings})
 
-    @app.task(name="lrq.run_job", bind=True, Request=request_class, acks_late=True)  # type: ignore[untyped-decorator]
-    def run_job(self: Any, job_id: str) -> str:
-        return execute_job(str(job_id), settings)
+    @app.task(
+        name="lrq.run_job",
+        bind=True,
+        Request=request_class,
+        acks_late=True,
+        throws=(JobNotSucceededError,),  # an outcome, logged without a traceback
+    )  # type: ignore[untyped-decorator]
+    def run_job(self: Any, job_id: str) -> dict[str, str]:
+        outcome = execute_job(str(job_id), settings)
+        if outcome not in ("succeeded", "skipped"):
+            # Celery and Flower must not count a failed, diverged or cancelled job a success.
+            raise JobNotSucceededError(f"job {job_id}: {outcome}")
+        return {"job_id": str(job_id), "outcome": outcome}
+
+    register_info_command()
+
+    @signals.after_setup_logger.connect(weak=False)  # type: ignore[untyped-decorator]
+    @signals.after_setup_task_logger.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _log_format(logger: logging.Logger, **_: Any) -> None:
+        configure_logging(logger, settings.log_format)
 
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _fresh_process(**_: Any) -> None:

@@ -29,6 +29,9 @@ from tests.support import (
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP_SPEC = str(ROOT / "examples" / "sweep.yaml")
 STATUS_COLUMNS = ["id", "name", "backend", "device", "state", "epoch", "last_loss", "worker", "age"]
+STATUS_FIELDS = ["id", "name", "sweep_id", "backend", "device", "queue", "state", "epochs_done"]
+STATUS_FIELDS += ["epochs_total", "last_loss", "attempts", "worker", "error", "created_at"]
+STATUS_FIELDS += ["started_at", "finished_at"]
 HISTORY_COLUMNS = ["job_id", "epoch", "train_loss", "test_loss", "seconds"]
 
 
@@ -106,15 +109,17 @@ def test_prefixes_and_every_output_format(lrq_env: dict[str, str], tmp_path: Pat
     assert {tuple(row.split()[2:6]) for row in table[1:]} == {("numpy", "cpu", "succeeded", "3/3")}
     assert sorted(row.split()[1] for row in table[1:]) == sorted(found[i].name for i in ids)
     as_json = json.loads(ok("status", "--sweep", sweep_id, "--format", "json"))
-    assert [list(row) for row in as_json] == [STATUS_COLUMNS] * 17
+    assert [list(row) for row in as_json] == [STATUS_FIELDS] * 17
+    assert [row["id"] for row in as_json] == ids  # grid order
     assert {row["id"]: row["last_loss"] for row in as_json} == {i: found[i].last_loss for i in ids}
-    as_csv = parse_csv(ok("status", "--format", "csv", "--state", "succeeded"))
-    assert [{k: row[k] for k in ("id", "state", "epoch")} for row in as_csv] == [
-        {"id": row["id"], "state": "succeeded", "epoch": "3/3"} for row in as_json
-    ]
-    assert [float(row["last_loss"]) for row in as_csv] == [row["last_loss"] for row in as_json]
+    as_csv = parse_csv(ok("status", "--format", "csv", "--state", "succeeded", "--all"))
+    assert sorted((row["id"], row["state"], row["epochs_done"]) for row in as_csv) == sorted(
+        (row["id"], "succeeded", "3") for row in as_json
+    )
+    by_id = {row["id"]: row for row in as_json}
+    assert all(float(row["last_loss"]) == by_id[row["id"]]["last_loss"] for row in as_csv)
     newest = json.loads(ok("status", "--limit", "5", "--format", "json"))
-    assert [row["id"] for row in newest] == [row["id"] for row in as_json[-5:]]
+    assert len(newest) == 5 and {row["id"] for row in newest} <= set(ids)
     assert ok("status", "--state", "running", "--format", "json").strip() == "[]"
 
     # results: the summary as a table, JSON, CSV and into a file.
@@ -247,6 +252,11 @@ def test_registered_datasets_and_data_files(lrq_env: dict[str, str], tmp_path: P
     assert jobs["by-path"].result["weights"] == expected["weights"]
     assert len(jobs["by-name"].result["weights"]) == 3
 
+    workers = [line.split() for line in info if line.startswith("  ")]  # one line per worker
+    assert [w[0].startswith("lrq-cpu@") and w[-2:] == ["running", "idle"] for w in workers] == [
+        True
+    ]
+    info = [line for line in info if not line.startswith("  ")]
     keys = [line.split()[0] for line in info]
     assert keys == ["database", "broker", "jobs", "queues", "workers"]
     values = {line.split()[0]: line.split(None, 1)[1] for line in info}

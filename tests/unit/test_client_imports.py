@@ -24,7 +24,9 @@ def lrq(*args):
 spec = sys.argv[1]
 lrq("db", "upgrade")
 ids = lrq("submit", spec, "-q").split()
-ids += lrq("submit", spec, "--grid", "optimizer.lr=1e-4,1e-3", "-q").split()
+swept = lrq("submit", spec, "--grid", "optimizer.lr=1e-4,1e-3", "-q").splitlines()
+assert swept[0].startswith("# sweep "), swept
+ids += swept[1:]
 lrq("status")
 lrq("status", "--format", "json")
 lrq("cancel", *ids)
