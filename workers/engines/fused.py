@@ -16,7 +16,7 @@ is ``Σ (a·δ - r)²``, which keeps its digits when the noise is tiny.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,8 @@ from workers.engines.state import Anchor, Optimum, RunState, Summary
 #: Epochs computed from one anchor as powers of the epoch map.
 ANCHOR_EPOCHS = 64
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: Losses above this are recomputed from the data: their overflow is decided as the loop decides.
+_NEAR_OVERFLOW = 1e300
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ def fit_statistics(
     x = np.ascontiguousarray(x, dtype=np.float64)
     y = np.ascontiguousarray(y, dtype=np.float64)
     n = len(y)
-    augmented = np.asarray(kernels.augmented_gram(x, y, True))
+    augmented = np.asarray(kernels.augmented_gram(x, y))
     design = slice(0 if fit_intercept else 1, -1)
     gram = np.ascontiguousarray(augmented[design, design])
     if shift is None:
@@ -137,6 +139,27 @@ def initial_params(spec: JobSpec, n_features: int) -> Params:
     return np.zeros(n_features), bias
 
 
+@dataclass
+class _Trail:
+    """The states after each epoch of the last chunk, made into EpochStates only when asked."""
+
+    before: EpochState
+    intercept: bool
+    params: list[Array] | Array = field(default_factory=list)
+    buffers: list[Array] | Array | None = None
+    anchors: list[Anchor | None] = field(default_factory=list)
+
+    def at(self, index: int) -> EpochState:
+        if index < 0:
+            return self.before
+        buffers = self.buffers
+        return EpochState(
+            split(self.params[index], self.intercept),
+            None if buffers is None else split(buffers[index], self.intercept),
+            self.anchors[index],
+        )
+
+
 class FusedEngine:
     """Full batch by powers of the epoch map; mini-batches by one compiled pass an epoch."""
 
@@ -147,6 +170,8 @@ class FusedEngine:
         self.spec = spec
         self.intercept = spec.model.fit_intercept
         self.x = np.ascontiguousarray(data.x, dtype=np.float64)
+        self.y = data.y
+        self.x_test, self.y_test = data.x_test, data.y_test
         self.rows = len(data.y)
         self.batches = len(list(batch_slices(self.rows, spec.batch_size)))
         self.full_batch = self.batches == 1
@@ -169,7 +194,7 @@ class FusedEngine:
         self.buffer = np.zeros(self.width)
         self.has_buffer = False
         self.anchor: tuple[int, Array, Array] | None = None  # epoch, params, buffer
-        self.states: list[EpochState] = [self._now(None)]
+        self.trail = _Trail(self._now(None), self.intercept)
         if self.full_batch:
             self.step_map, self.first_map = _epoch_maps(spec, stats)
             self.table = np.asarray(kernels.power_table(self.step_map, ANCHOR_EPOCHS))
@@ -201,7 +226,7 @@ class FusedEngine:
                 np.zeros(self.width) if a.momentum is None else join(a.momentum, self.intercept)
             )
             self.anchor = (a.epoch, join(a.params, self.intercept), buffer)
-        self.states = [self._now(self._anchor_json())]
+        self.trail = _Trail(self._now(self._anchor_json()), self.intercept)
 
     def _anchor_json(self) -> Anchor | None:
         if self.anchor is None:
@@ -211,12 +236,12 @@ class FusedEngine:
         return Anchor(epoch, split(params, self.intercept), momentum)
 
     def state_after(self, index: int) -> EpochState:
-        return self.states[index + 1]
+        return self.trail.at(index)
 
     def keep(self, index: int) -> None:
-        state = self.states[index + 1]
+        state = self.trail.at(index)
         self._set(state)
-        self.states = [state]
+        self.trail = _Trail(state, self.intercept)
 
     def _set(self, state: EpochState) -> None:
         self.params = join(state.params, self.intercept)
@@ -251,7 +276,8 @@ class FusedEngine:
         spec, options = self.spec, self.spec.optimizer
         batch_size = spec.batch_size or self.rows
         unshuffled = np.empty(0, dtype=np.int64)
-        self.states = [self.states[-1]]
+        params: list[Array] = []
+        buffers: list[Array] = []
         train: list[float] = []
         test: list[float] = []
         diverged = False
@@ -290,7 +316,15 @@ class FusedEngine:
                 break
             train.append(loss)
             test.append(test_loss)
-            self.states.append(self._now(None))
+            params.append(self.params.copy())
+            buffers.append(self.buffer.copy())
+        self.trail = _Trail(
+            self.trail.at(len(self.trail.anchors) - 1),
+            self.intercept,
+            params,
+            buffers if self.has_buffer else None,
+            [None] * len(params),
+        )
         return Chunk(np.asarray(train), np.asarray(test), diverged)
 
     def _test_losses(self, params: Array) -> Array:
@@ -307,53 +341,89 @@ class FusedEngine:
 
     def _advance_full(self, start: int, count: int, evaluate: npt.NDArray[np.bool_]) -> Chunk:
         width, shift = self.width, self.stats.shift
-        params = [self.params.copy()]  # after each epoch, from the start
-        buffers = [self.buffer.copy()]
+        rows: list[Array] = []  # the states [δ, buffer, 1] after each epoch, in blocks
         anchors: list[Anchor | None] = []
         epoch = start
-        if self.has_momentum and not self.has_buffer:
+        has_buffer = self.has_buffer
+        if self.has_momentum and not has_buffer:
             # torch's first momentum step sets the buffer to the gradient: its own map.
-            state = np.asarray(
-                kernels.apply(self.first_map, self._vector(self.params, self.buffer))
-            )
-            params.append(shift + state[:width])
-            buffers.append(state[width : 2 * width].copy())
+            first = kernels.apply(self.first_map, self._vector(self.params, self.buffer))
+            rows.append(np.asarray(first).reshape(1, -1))
             epoch += 1
-            self.anchor = (epoch, params[-1], buffers[-1])
+            self.anchor = self._anchor_at(epoch, rows[-1][-1])
             anchors.append(self._anchor_json())
-            self.has_buffer = True
+            has_buffer = True
         if self.anchor is None:
             self.anchor = (epoch, self.params.copy(), self.buffer.copy())
         while epoch < start + count:
             a_epoch, a_params, a_buffer = self.anchor
             offset = epoch - a_epoch
             if offset == ANCHOR_EPOCHS:
-                self.anchor = (epoch, params[-1], buffers[-1])
+                self.anchor = (
+                    self._anchor_at(epoch, rows[-1][-1])
+                    if rows
+                    else (epoch, self.params.copy(), self.buffer.copy())
+                )
                 continue
             steps = min(ANCHOR_EPOCHS - offset, start + count - epoch)
-            states = np.asarray(
-                kernels.anchored_states(
-                    self.table, self.step_map, offset, steps, self._vector(a_params, a_buffer)
-                )
+            block = kernels.anchored_states(
+                self.table, self.step_map, offset, steps, self._vector(a_params, a_buffer)
             )
-            for row in states:
-                params.append(shift + row[:width])
-                buffers.append(row[width : 2 * width].copy() if self.has_momentum else buffers[0])
-                anchors.append(self._anchor_json())
+            rows.append(np.asarray(block))
+            anchors.extend([self._anchor_json()] * steps)
             epoch += steps
-        before = np.asarray(params[:-1]) - shift
+        states = np.concatenate(rows)
+        params = shift + states[:, :width]
+        # Losses from the parameters as stored, so that a resume from any epoch's checkpoint
+        # recomputes the same bits.
+        before = np.concatenate([self.params.reshape(1, -1), params[:-1]]) - shift
         train = self.stats.sse(before) / self.divisor
         test = np.full(count, np.nan)
         if self.test is not None and evaluate.any():
-            test[evaluate] = self._test_losses(np.asarray(params[1:])[evaluate])
-        bad = self._bad_array(train) | (evaluate & self._bad_array(test))
-        done = int(np.argmax(bad)) if bad.any() else count
-        self.states = [self.states[-1]]
-        for index in range(done):
-            self.params, self.buffer = params[index + 1], buffers[index + 1]
-            self.states.append(self._now(anchors[index]))
-        self._set(self.states[-1])
+            test[evaluate] = self._test_losses(params[evaluate])
+        done = self._first_bad(train, test, evaluate, before + shift, params)
+        self.trail = _Trail(
+            self.trail.at(len(self.trail.anchors) - 1),
+            self.intercept,
+            params[:done],
+            states[:done, width : 2 * width] if has_buffer else None,
+            anchors[:done],
+        )
+        self._set(self.trail.at(done - 1))
         return Chunk(train[:done], test[:done], done < count)
+
+    def _first_bad(
+        self,
+        train: Array,
+        test: Array,
+        evaluate: npt.NDArray[np.bool_],
+        before: Array,
+        after: Array,
+    ) -> int:
+        """The index of the first epoch the loop would find non-finite (len(train) if none).
+
+        Near overflow a quadratic form can overflow where the loop's sum of squares does not
+        (or the reverse), so there the losses are recomputed as the loop computes them.
+        """
+        edge = min(self.limit, _NEAR_OVERFLOW)
+        doubtful = ~(np.abs(train) <= edge) | (evaluate & ~(np.abs(test) <= edge))
+        for index in np.flatnonzero(doubtful):
+            train[index] = _direct_loss(self.x, self.y, before[index], self.divisor)
+            if evaluate[index]:
+                assert self.x_test is not None and self.y_test is not None
+                mean = self.spec.loss.reduction == "mean"
+                rows = float(len(self.y_test)) if mean else 1.0
+                test[index] = _direct_loss(self.x_test, self.y_test, after[index], rows)
+            if self._bad(float(train[index])) or (evaluate[index] and self._bad(test[index])):
+                return int(index)
+        return len(train)
+
+    def _anchor_at(self, epoch: int, state: Array) -> tuple[int, Array, Array]:
+        # Anchors are kept as parameters, as a checkpoint holds them, so a resume starts
+        # from exactly the same vector.
+        width = self.width
+        buffer = state[width : 2 * width].copy() if self.has_momentum else np.zeros(width)
+        return epoch, self.stats.shift + state[:width], buffer
 
     # -- result -----------------------------------------------------------------------------
 
@@ -363,12 +433,13 @@ class FusedEngine:
         optimum = stats.optimum()
         delta = (self.params - stats.shift).reshape(1, -1)
         with np.errstate(all="ignore"):
-            sse = float(stats.sse(delta)[0])
+            sse = _sse(stats, delta, self.x, self.y, self.params)
             final = sse / self.divisor
             weights, bias = split(self.params, self.intercept)
             test_loss = test_r2 = coef_error = None
             if self.test is not None:
-                test_sse = float(self.test.sse(delta)[0])
+                assert self.x_test is not None and self.y_test is not None
+                test_sse = _sse(self.test, delta, self.x_test, self.y_test, self.params)
                 test_loss = test_sse / (self.test.rows if reduction == "mean" else 1)
                 test_r2 = 1.0 - test_sse / self.test.tss if self.test.tss else None
             if self.true_weights is not None:
@@ -400,6 +471,20 @@ class FusedEngine:
             dtype=spec.dtype,
             engine=self.name,
         )
+
+
+def _sse(stats: FitStatistics, delta: Array, x: Array, y: Array, params: Array) -> float:
+    """The summed squared error at one point: from the statistics, or near overflow the data."""
+    sse = float(stats.sse(delta)[0])
+    return sse if abs(sse) <= _NEAR_OVERFLOW else _direct_loss(x, y, params, 1.0)
+
+
+def _direct_loss(x: Array, y: Array, params: Array, divisor: float) -> float:
+    """The loss at ``params`` summed from the residuals, as the reference loop sums it."""
+    with np.errstate(all="ignore"):
+        head, weights = (params[0], params[1:]) if len(params) > x.shape[1] else (0.0, params)
+        residual = x @ weights + head - y
+        return float(residual @ residual) / divisor
 
 
 def _epoch_maps(spec: JobSpec, stats: FitStatistics) -> tuple[Array, Array]:

@@ -1,11 +1,10 @@
 """Compiled kernels of the fused CPU engine.
 
-Every sum runs in a fixed order: rows in fixed blocks, each block summed in row order, the
-blocks' partial sums added in block order. Threads only choose which block they sum, and no
-fast-math flag lets the compiler reorder or fuse an operation, so a run's numbers are the same
-bits at any thread count and on any IEEE host. Parameters live over the design row
-``[1, x]`` (``[x]`` without an intercept), targets are shifted by the least-squares fit ``p*``
-(``r = y - a·p*``), and the step is torch.optim.SGD's.
+Every sum runs in a fixed order (rows in fixed blocks, each block in eight interleaved running
+sums, the blocks in order), on one thread, and no fast-math flag lets the compiler reorder or
+fuse an operation: a run's numbers are the same bits at any thread count and on any IEEE host.
+Parameters live over the design row ``[1, x]`` (``[x]`` without an intercept), targets are
+shifted by the least-squares fit ``p*`` (``r = y - a·p*``), and the step is torch.optim.SGD's.
 """
 
 from __future__ import annotations
@@ -13,45 +12,65 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-#: Rows per block of a statistics pass; fixed, so the summation order never depends on threads.
-BLOCK = 8192
+#: Rows per block of a statistics pass; fixed, so the summation order never depends on the data.
+BLOCK = 4096
 
 
-@numba.njit(cache=True, parallel=True)
-def augmented_gram(x, y, intercept):  # type: ignore[no-untyped-def]
-    """Gram matrix of the rows ``[1, x, y]`` (``[x, y]`` without an intercept)."""
+@numba.njit(cache=True, inline="always")
+def _dot(u, v, count):  # type: ignore[no-untyped-def]
+    # Eight running sums in a fixed order: independent chains the CPU overlaps, and lanes a
+    # vectorizer may pack without changing any result.
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    i = 0
+    while i + 8 <= count:
+        s0 += u[i] * v[i]
+        s1 += u[i + 1] * v[i + 1]
+        s2 += u[i + 2] * v[i + 2]
+        s3 += u[i + 3] * v[i + 3]
+        s4 += u[i + 4] * v[i + 4]
+        s5 += u[i + 5] * v[i + 5]
+        s6 += u[i + 6] * v[i + 6]
+        s7 += u[i + 7] * v[i + 7]
+        i += 8
+    while i < count:
+        s0 += u[i] * v[i]
+        i += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@numba.njit(cache=True)
+def _columns(x, y, start, count, out):  # type: ignore[no-untyped-def]
+    """Rows ``start … start + count`` of ``[1, x, y]`` as the columns of ``out``."""
+    d = x.shape[1]
+    for i in range(count):
+        out[0, i] = 1.0
+        for j in range(d):
+            out[1 + j, i] = x[start + i, j]
+        out[d + 1, i] = y[start + i]
+
+
+@numba.njit(cache=True)
+def augmented_gram(x, y):  # type: ignore[no-untyped-def]
+    """Gram matrix of the rows ``[1, x, y]``, in one pass."""
     n, d = x.shape
-    lead = 1 if intercept else 0
-    m = d + lead + 1
-    blocks = (n + BLOCK - 1) // BLOCK
-    partial = np.zeros((blocks, m, m))
-    for block in numba.prange(blocks):
-        row = np.empty(m)
-        part = partial[block]
-        for i in range(block * BLOCK, min((block + 1) * BLOCK, n)):
-            if intercept:
-                row[0] = 1.0
-            for j in range(d):
-                row[lead + j] = x[i, j]
-            row[m - 1] = y[i]
-            for a in range(m):
-                ra = row[a]
-                for b in range(a, m):
-                    part[a, b] += ra * row[b]
+    m = d + 2
+    columns = np.empty((m, BLOCK))
     total = np.zeros((m, m))
-    for block in range(blocks):
+    for start in range(0, n, BLOCK):
+        count = min(BLOCK, n - start)
+        _columns(x, y, start, count, columns)
         for a in range(m):
             for b in range(a, m):
-                total[a, b] += partial[block, a, b]
+                total[a, b] += _dot(columns[a], columns[b], count)
     for a in range(m):
         for b in range(a):
             total[a, b] = total[b, a]
     return total
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def residual_moments(x, y, intercept, shift, y_center, residual):  # type: ignore[no-untyped-def]
-    """``c = Σ a·r``, ``Σ r²`` and ``Σ (y - y_center)²`` for ``r = y - a·shift``.
+    """``c = Σ a·r``, ``Σ r²`` and ``Σ (y - y_center)²`` for ``r = y - a·shift``, in one pass.
 
     ``residual``, when it has n entries, receives r (the mini-batch engine steps on it).
     """
@@ -59,28 +78,25 @@ def residual_moments(x, y, intercept, shift, y_center, residual):  # type: ignor
     lead = 1 if intercept else 0
     width = d + lead
     keep = residual.shape[0] == n
-    blocks = (n + BLOCK - 1) // BLOCK
-    partial = np.zeros((blocks, width + 2))
-    for block in numba.prange(blocks):
-        part = partial[block]
-        for i in range(block * BLOCK, min((block + 1) * BLOCK, n)):
+    columns = np.empty((d + 2, BLOCK))
+    r = np.empty(BLOCK)
+    centered = np.empty(BLOCK)
+    total = np.zeros(width + 2)
+    for start in range(0, n, BLOCK):
+        count = min(BLOCK, n - start)
+        _columns(x, y, start, count, columns)
+        for i in range(count):
             fit = shift[0] if intercept else 0.0
             for j in range(d):
-                fit += x[i, j] * shift[lead + j]
-            r = y[i] - fit
-            if keep:
-                residual[i] = r
-            if intercept:
-                part[0] += r
-            for j in range(d):
-                part[lead + j] += x[i, j] * r
-            part[width] += r * r
-            centered = y[i] - y_center
-            part[width + 1] += centered * centered
-    total = np.zeros(width + 2)
-    for block in range(blocks):
-        for k in range(width + 2):
-            total[k] += partial[block, k]
+                fit += columns[1 + j, i] * shift[lead + j]
+            r[i] = columns[d + 1, i] - fit
+            centered[i] = columns[d + 1, i] - y_center
+        if keep:
+            residual[start : start + count] = r[:count]
+        for k in range(width):
+            total[k] += _dot(columns[1 - lead + k], r, count)
+        total[width] += _dot(r, r, count)
+        total[width + 1] += _dot(centered, centered, count)
     return total
 
 
