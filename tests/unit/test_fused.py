@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -26,8 +27,10 @@ from tests.unit.test_engines import (
 )
 from workers.engines import train
 from workers.engines.base import Checkpoint, RunResult, TrainData, optimum
+from workers.engines.epochs import run_epochs
 from workers.engines.fused import ANCHOR_EPOCHS, fit_statistics
-from workers.engines.registry import choose
+from workers.engines.fused_torch import TorchFusedEngine
+from workers.engines.registry import Choice, choose
 
 ROOT = Path(__file__).parents[2]
 
@@ -97,6 +100,52 @@ def test_fused_matches_the_loop(run: tuple[JobSpec, TrainData]) -> None:
                 rtol=1e-9,
                 atol=scale,
             )
+
+
+def train_on_torch(spec: JobSpec, data: TrainData, device: str, chunk_epochs: int) -> RunResult:
+    """The spec on the fused engine's torch code, on ``device``."""
+    engine = TorchFusedEngine(spec, data, device=torch.device(device))
+    return run_epochs(
+        spec,
+        data,
+        engine,
+        on_epoch=None,
+        should_stop=None,
+        resume=None,
+        chunk_epochs=chunk_epochs,
+        chunk_seconds=60.0,
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(fused_runs(), st.integers(1, 20))
+def test_fused_torch_code_matches_the_loop(run: tuple[JobSpec, TrainData], chunk: int) -> None:
+    """The CUDA code path, run on the cpu: statistics, batch maps and their pairwise scan."""
+    spec, data = run
+    loop = train(spec.model_copy(update={"engine": "loop"}), data)
+    fused = train_on_torch(spec, data, "cpu", chunk)
+    assert fused.summary["device"] == "cpu"
+    assert_same_run(loop, fused, 1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch_size", [None, 1, 32, 1000])
+def test_fused_on_cuda_matches_the_cpu_loop(batch_size: int | None) -> None:
+    rng = np.random.default_rng()
+    data = make_data(rng, 5000, 4, n_test=100)
+    spec = make_spec(
+        data,
+        epochs=8,
+        batch_size=batch_size,
+        loss={"reduction": "mean"},
+        optimizer={"lr": 1e-2, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+        seed=int(rng.integers(2**32)),
+        eval_every=2,
+    )
+    loop = train(spec.model_copy(update={"engine": "loop"}), data)
+    cuda = train(spec.model_copy(update={"device": "cuda", "engine": "fused"}), data)
+    assert cuda.summary["device"].startswith("cuda")
+    assert_same_run(loop, cuda, 1e-9)
 
 
 @pytest.mark.parametrize("batch_size", [None, 7])
@@ -245,12 +294,14 @@ def test_tiny_noise_loss_keeps_its_digits() -> None:
 def test_registry_says_which_and_why() -> None:
     data = make_data(np.random.default_rng(), 20, 2)
     spec = make_spec(data)
-    assert choose(spec, cuda=False).engine == "fused"
+    assert choose(spec, cuda=False) == Choice("fused", "cpu", "auto: compiled kernels on the cpu")
     assert choose(spec.model_copy(update={"engine": "loop"}), cuda=False).engine == "loop"
     on_gpu = choose(spec.model_copy(update={"device": "auto"}), cuda=True)
-    assert on_gpu.engine == "loop" and "cpu" in on_gpu.reason
-    with pytest.raises(SpecError, match=r"^engine: "):
-        choose(spec.model_copy(update={"device": "cuda", "engine": "fused"}), cuda=True)
+    assert (on_gpu.engine, on_gpu.place) == ("fused", "device") and "cuda" in on_gpu.reason
+    without_numba = choose(spec, cuda=False, compiled=False)
+    assert without_numba.engine == "loop" and "numba" in without_numba.reason
+    with pytest.raises(SpecError, match=r"^engine: fused cannot run"):
+        choose(spec.model_copy(update={"engine": "fused"}), cuda=False, compiled=False)
     assert train(spec, data).summary["engine"] == "fused"
     assert train(spec.model_copy(update={"engine": "loop"}), data).summary["engine"] == "loop"
 

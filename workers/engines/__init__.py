@@ -46,6 +46,10 @@ def _cuda_possible(spec: JobSpec) -> bool:
 def make_engine(spec: JobSpec, data: TrainData) -> Engine:
     """The engine the registry chooses for ``spec``, prepared on ``data``."""
     choice = choose(spec, cuda=_cuda_possible(spec))
+    if choice.engine == "fused" and choice.place == "device":
+        from workers.engines.fused_torch import TorchFusedEngine
+
+        return TorchFusedEngine(spec, data)
     if choice.engine == "fused":
         from workers.engines.fused import FusedEngine
 

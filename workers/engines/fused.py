@@ -177,7 +177,7 @@ class FusedEngine:
         self.full_batch = self.batches == 1
         self.reshuffle = spec.shuffle and not self.full_batch
         keep = not self.full_batch
-        if stats is None or (keep and len(stats.residual) != self.rows):
+        if stats is None:
             stats = fit_statistics(data.x, data.y, self.intercept, keep_residual=keep)
         self.stats = stats
         self.test: FitStatistics | None = None
@@ -273,7 +273,7 @@ class FusedEngine:
         return ~(np.isfinite(values) & (np.abs(values) <= self.limit))
 
     def _advance_mini(self, start: int, count: int, evaluate: npt.NDArray[np.bool_]) -> Chunk:
-        spec, options = self.spec, self.spec.optimizer
+        spec = self.spec
         batch_size = spec.batch_size or self.rows
         unshuffled = np.empty(0, dtype=np.int64)
         params: list[Array] = []
@@ -289,24 +289,7 @@ class FusedEngine:
                 else unshuffled
             )
             before = self.params.copy(), self.buffer.copy(), self.has_buffer
-            sse, self.has_buffer = kernels.minibatch_epoch(
-                self.x,
-                self.stats.residual,
-                order,
-                self.intercept,
-                batch_size,
-                spec.loss.reduction == "mean",
-                self.stats.shift,
-                self.params,
-                self.buffer,
-                self.has_buffer,
-                options.lr,
-                options.momentum,
-                1.0 - options.dampening,
-                options.weight_decay,
-                options.nesterov,
-            )
-            loss = float(sse) / self.divisor
+            loss = self._epoch(order, batch_size) / self.divisor
             test_loss = np.nan
             if evaluate[index]:
                 test_loss = self._test_losses(self.params.reshape(1, -1))[0]
@@ -326,6 +309,28 @@ class FusedEngine:
             [None] * len(params),
         )
         return Chunk(np.asarray(train), np.asarray(test), diverged)
+
+    def _epoch(self, order: npt.NDArray[np.int64], batch_size: int) -> float:
+        """One mini-batch epoch over ``order`` (empty: stored order); its summed squared error."""
+        options = self.spec.optimizer
+        sse, self.has_buffer = kernels.minibatch_epoch(
+            self.x,
+            self.stats.residual,
+            order,
+            self.intercept,
+            batch_size,
+            self.spec.loss.reduction == "mean",
+            self.stats.shift,
+            self.params,
+            self.buffer,
+            self.has_buffer,
+            options.lr,
+            options.momentum,
+            1.0 - options.dampening,
+            options.weight_decay,
+            options.nesterov,
+        )
+        return float(sse)
 
     def _test_losses(self, params: Array) -> Array:
         assert self.test is not None
