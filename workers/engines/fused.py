@@ -24,7 +24,7 @@ import numpy.typing as npt
 from service.errors import StateError
 from service.spec import ExplicitInit, JobSpec
 from workers.engines import kernels
-from workers.engines.base import Array, Params, Status, TrainData, batch_slices, epoch_order
+from workers.engines.base import Array, Params, Status, TrainData, epoch_order
 from workers.engines.epochs import Chunk, EpochState
 from workers.engines.state import Anchor, Optimum, RunState, Summary
 
@@ -63,6 +63,11 @@ class FitStatistics:
         return Optimum(weights, bias, max(rss, 0.0), self.rows)
 
 
+#: Rows whose normal equations give the shift: close enough to the fit that the residuals
+#: keep their digits, and a fixed prefix, so the shift is a function of the data alone.
+SHIFT_ROWS = 2 * kernels.BLOCK
+
+
 def fit_statistics(
     x: Array,
     y: Array,
@@ -71,41 +76,48 @@ def fit_statistics(
     shift: Array | None = None,
     keep_residual: bool = False,
 ) -> FitStatistics:
-    """Two passes over the data: the Gram matrix of ``[1, x, y]``, then the shifted residual's."""
+    """One pass over the data: the Gram matrix of ``[1, x, r, y - ȳ₀]`` about a shift ``p*``.
+
+    Without a given shift, ``p*`` solves the normal equations of the first SHIFT_ROWS rows;
+    any shift near the fit serves, since every loss is computed about it.
+    """
     x = np.ascontiguousarray(x, dtype=np.float64)
     y = np.ascontiguousarray(y, dtype=np.float64)
-    n = len(y)
-    augmented = np.asarray(kernels.augmented_gram(x, y))
-    design = slice(0 if fit_intercept else 1, -1)
-    gram = np.ascontiguousarray(augmented[design, design])
+    n, d = x.shape
+    design = slice(0 if fit_intercept else 1, d + 1)
+    head = min(n, SHIFT_ROWS)
     if shift is None:
-        shift = _least_squares(x, y, gram, augmented[design, -1], fit_intercept)
+        sample = np.asarray(kernels.augmented_gram(x[:head], y[:head]))
+        shift = _least_squares(
+            x, y, sample[design, design], sample[design, d + 1], fit_intercept, head
+        )
+    center = float(np.mean(y[:head]))
     residual = np.empty(n if keep_residual else 0)
-    moments = np.asarray(
-        kernels.residual_moments(x, y, fit_intercept, shift, augmented[0, -1] / n, residual)
-    )
-    width = len(shift)
+    gram = np.asarray(kernels.shifted_gram(x, y, fit_intercept, shift, center, residual))
+    offset = float(gram[0, d + 2])  # Σ (y - ȳ₀)
     return FitStatistics(
         rows=n,
         fit_intercept=fit_intercept,
         shift=shift,
-        gram=gram,
-        cross=moments[:width].copy(),
-        rss=float(moments[width]),
-        tss=float(moments[width + 1]),
+        gram=np.ascontiguousarray(gram[design, design]),
+        cross=gram[design, d + 1].copy(),
+        rss=float(gram[d + 1, d + 1]),
+        tss=float(gram[d + 2, d + 2]) - offset * offset / n,
         residual=residual,
     )
 
 
-def _least_squares(x: Array, y: Array, gram: Array, moment: Array, fit_intercept: bool) -> Array:
-    # The normal equations are exact enough for a shift (the residual pass corrects them);
-    # a singular or near-singular Gram matrix takes lstsq's minimum-norm solution instead.
-    if len(y) >= len(moment) and np.linalg.cond(gram) < 1e10:
+def _least_squares(
+    x: Array, y: Array, gram: Array, moment: Array, fit_intercept: bool, rows: int
+) -> Array:
+    # The normal equations are exact enough for a shift (losses are computed about it); a
+    # singular or near-singular Gram matrix takes lstsq's minimum-norm solution of all rows.
+    if rows >= len(moment) and np.linalg.cond(gram) < 1e10:
         solution = np.asarray(kernels.solve(gram, moment))
         if np.all(np.isfinite(solution)):
             return solution
-    rows = np.hstack([np.ones((len(y), 1)), x]) if fit_intercept else x
-    return np.linalg.lstsq(rows, y, rcond=None)[0].astype(np.float64)
+    design = np.hstack([np.ones((len(y), 1)), x]) if fit_intercept else x
+    return np.linalg.lstsq(design, y, rcond=None)[0].astype(np.float64)
 
 
 def split(vector: Array, fit_intercept: bool) -> Params:
@@ -173,8 +185,7 @@ class FusedEngine:
         self.y = data.y
         self.x_test, self.y_test = data.x_test, data.y_test
         self.rows = len(data.y)
-        self.batches = len(list(batch_slices(self.rows, spec.batch_size)))
-        self.full_batch = self.batches == 1
+        self.full_batch = spec.batch_size is None or spec.batch_size >= self.rows
         self.reshuffle = spec.shuffle and not self.full_batch
         keep = not self.full_batch
         if stats is None:

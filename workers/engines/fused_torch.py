@@ -30,7 +30,7 @@ def device_statistics(
     augmented = (augmented_rows.T @ augmented_rows).cpu().numpy()
     design = slice(0 if fit_intercept else 1, -1)
     gram = np.ascontiguousarray(augmented[design, design])
-    shift = _least_squares(x_host, y_host, gram, augmented[design, -1], fit_intercept)
+    shift = _least_squares(x_host, y_host, gram, augmented[design, -1], fit_intercept, n)
     rows = augmented_rows[:, design]
     residual = y - rows @ torch.as_tensor(shift, device=x.device)
     centered = y - float(augmented[0, -1]) / n

@@ -69,38 +69,6 @@ def augmented_gram(x, y):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(cache=True)
-def residual_moments(x, y, intercept, shift, y_center, residual):  # type: ignore[no-untyped-def]
-    """``c = Σ a·r``, ``Σ r²`` and ``Σ (y - y_center)²`` for ``r = y - a·shift``, in one pass.
-
-    ``residual``, when it has n entries, receives r (the mini-batch engine steps on it).
-    """
-    n, d = x.shape
-    lead = 1 if intercept else 0
-    width = d + lead
-    keep = residual.shape[0] == n
-    columns = np.empty((d + 2, BLOCK))
-    r = np.empty(BLOCK)
-    centered = np.empty(BLOCK)
-    total = np.zeros(width + 2)
-    for start in range(0, n, BLOCK):
-        count = min(BLOCK, n - start)
-        _columns(x, y, start, count, columns)
-        for i in range(count):
-            fit = shift[0] if intercept else 0.0
-            for j in range(d):
-                fit += columns[1 + j, i] * shift[lead + j]
-            r[i] = columns[d + 1, i] - fit
-            centered[i] = columns[d + 1, i] - y_center
-        if keep:
-            residual[start : start + count] = r[:count]
-        for k in range(width):
-            total[k] += _dot(columns[1 - lead + k], r, count)
-        total[width] += _dot(r, r, count)
-        total[width + 1] += _dot(centered, centered, count)
-    return total
-
-
-@numba.njit(cache=True)
 def solve(matrix, rhs):  # type: ignore[no-untyped-def]
     """``matrix⁻¹ rhs`` by Gaussian elimination with partial pivoting, in a fixed order."""
     size = rhs.shape[0]
@@ -277,3 +245,36 @@ def anchored_states(table, step, offset, count, anchor):  # type: ignore[no-unty
         out[j] = row
         previous = row
     return out
+
+
+@numba.njit(cache=True)
+def shifted_gram(x, y, intercept, shift, y_center, residual):  # type: ignore[no-untyped-def]
+    """Gram matrix of the rows ``[1, x, r, y - y_center]``, ``r = y - a·shift``, in one pass.
+
+    ``residual``, when it has n entries, receives r (the mini-batch engine steps on it).
+    """
+    n, d = x.shape
+    lead = 1 if intercept else 0
+    m = d + 3
+    keep = residual.shape[0] == n
+    columns = np.empty((m, BLOCK))
+    total = np.zeros((m, m))
+    for start in range(0, n, BLOCK):
+        count = min(BLOCK, n - start)
+        _columns(x, y, start, count, columns)
+        for i in range(count):
+            fit = shift[0] if intercept else 0.0
+            for j in range(d):
+                fit += columns[1 + j, i] * shift[lead + j]
+            target = columns[d + 1, i]
+            columns[d + 1, i] = target - fit
+            columns[d + 2, i] = target - y_center
+        if keep:
+            residual[start : start + count] = columns[d + 1, :count]
+        for a in range(m):
+            for b in range(a, m):
+                total[a, b] += _dot(columns[a], columns[b], count)
+    for a in range(m):
+        for b in range(a):
+            total[a, b] = total[b, a]
+    return total
