@@ -1,6 +1,7 @@
 """The engines against the tutorial's own loops, beside one pass over X and the mini-batch floor.
 
-Run: ``python -m benchmarks.bench_fused [--repeats N] [--device cpu|cuda] [--scale K]``. Every
+Run: ``python -m benchmarks.bench_fused [--repeats N] [--device cpu|cuda] [--full-rows N]
+[--mini-rows N] [--bandwidth]``. Every
 variant of a row runs in the same round, rounds interleaved, and the median is kept, so drift
 hits all alike. Prints one markdown table (medians in ms, ratios) and the machine it ran on.
 """
@@ -144,6 +145,41 @@ def first_call_seconds(cold: bool) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def bandwidth(device: str, n: int, repeats: int) -> str:
+    """Bytes per second of the fused statistics pass beside a device-to-device copy of X."""
+    from workers.engines.fused_torch import device_statistics
+
+    data = make_data(n)
+    where = torch.device(device)
+    x = torch.as_tensor(data.x, device=where)
+    y = torch.as_tensor(data.y, device=where)
+
+    def synced(action: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            out = action()
+            if where.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return run
+
+    times = median_ms(
+        {
+            "statistics": synced(lambda: device_statistics(x, y, data.x, data.y, True)),
+            "copy": synced(x.clone),
+        },
+        {"statistics": repeats, "copy": repeats},
+    )
+    read = (x.numel() + y.numel()) * 8
+    stats_rate = read / (times["statistics"] / 1e3)
+    copy_rate = 2 * x.numel() * 8 / (times["copy"] / 1e3)  # read and write
+    return (
+        f"\nstatistics pass on {device}, n={n:,}: {times['statistics']:.2f} ms, "
+        f"{stats_rate / 1e9:.1f} GB/s read; device-to-device copy of X: {times['copy']:.2f} ms, "
+        f"{copy_rate / 1e9:.1f} GB/s read+written ({stats_rate / copy_rate:.2f} of the copy's rate)"
+    )
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -164,9 +200,9 @@ def machine() -> str:
 
 
 def rows_for(args: argparse.Namespace) -> list[list[str]]:
-    device, scale, repeats = args.device, args.scale, args.repeats
+    device, repeats = args.device, args.repeats
     out: list[list[str]] = []
-    n_full = 1_000_000 * scale
+    n_full = args.full_rows
     full = make_data(n_full)
     fields: dict[str, Any] = {
         "backend": "numpy" if device == "cpu" else "torch",
@@ -195,7 +231,7 @@ def rows_for(args: argparse.Namespace) -> list[list[str]]:
             f"{times['engine'] / times['pass']:.2f}x",
         ]
     )
-    n_mini = 100_000 * scale
+    n_mini = args.mini_rows
     mini = make_data(n_mini)
     for batch_size, epochs in ((32, 10), (1, 1), (1024, 10)):
         spec = make_spec(
@@ -236,7 +272,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds of the engines")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--scale", type=int, default=1, help="multiply every n by this")
+    parser.add_argument("--full-rows", type=int, default=1_000_000, help="n of the full batch")
+    parser.add_argument("--mini-rows", type=int, default=100_000, help="n of the mini-batches")
+    parser.add_argument(
+        "--bandwidth", action="store_true", help="the statistics pass beside a device copy"
+    )
     args = parser.parse_args()
     print(f"machine: {machine()}")
     headers = ["case", "tutorial ms", "lrq ms", "beside ms", "tutorial/lrq", "lrq/beside"]
@@ -245,6 +285,8 @@ def main() -> None:
     print("|" + "---|" * len(headers))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if args.bandwidth:
+        print(bandwidth(args.device, args.full_rows, args.repeats))
     if args.device == "cpu":
         cold, warm = first_call_seconds(cold=True), first_call_seconds(cold=False)
         print(
