@@ -148,14 +148,14 @@ def run_epochs(
         per_epoch = seconds / max(done, 1)
         if chunk.diverged:
             status, diverged_at = "diverged", progress.epoch + done + 1
+        losses, tests = chunk.train_losses.tolist(), chunk.test_losses.tolist()
         for index in range(done):
             progress.epoch += 1
             progress.train_seconds += per_epoch
-            loss = float(chunk.train_losses[index])
+            loss, test = losses[index], tests[index]
             best = progress.best_loss
-            progress.best_loss = loss if best is None else min(best, loss)
-            test = float(chunk.test_losses[index])
-            record = EpochRecord(progress.epoch, loss, None if np.isnan(test) else test, per_epoch)
+            progress.best_loss = loss if best is None or loss < best else best
+            record = EpochRecord(progress.epoch, loss, None if test != test else test, per_epoch)
             progress.history.append(record)
             if on_epoch is not None:
                 on_epoch(record, _snapshotter(progress, engine, index))

@@ -248,10 +248,31 @@ def anchored_states(table, step, offset, count, anchor):  # type: ignore[no-unty
 
 
 @numba.njit(cache=True)
+def _sum(u, count):  # type: ignore[no-untyped-def]
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    i = 0
+    while i + 8 <= count:
+        s0 += u[i]
+        s1 += u[i + 1]
+        s2 += u[i + 2]
+        s3 += u[i + 3]
+        s4 += u[i + 4]
+        s5 += u[i + 5]
+        s6 += u[i + 6]
+        s7 += u[i + 7]
+        i += 8
+    while i < count:
+        s0 += u[i]
+        i += 1
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@numba.njit(cache=True)
 def shifted_gram(x, y, intercept, shift, y_center, residual):  # type: ignore[no-untyped-def]
     """Gram matrix of the rows ``[1, x, r, y - y_center]``, ``r = y - a·shift``, in one pass.
 
-    ``residual``, when it has n entries, receives r (the mini-batch engine steps on it).
+    Of the last column only its sum and its square's are formed (R² needs no more); the rest
+    of its row is left zero. ``residual``, when it has n entries, receives r.
     """
     n, d = x.shape
     lead = 1 if intercept else 0
@@ -261,19 +282,32 @@ def shifted_gram(x, y, intercept, shift, y_center, residual):  # type: ignore[no
     total = np.zeros((m, m))
     for start in range(0, n, BLOCK):
         count = min(BLOCK, n - start)
-        _columns(x, y, start, count, columns)
+        # Column by column: each inner loop writes one contiguous row.
+        for j in range(d):
+            column = columns[1 + j]
+            for i in range(count):
+                column[i] = x[start + i, j]
+        fitted = columns[d + 1]
         for i in range(count):
-            fit = shift[0] if intercept else 0.0
-            for j in range(d):
-                fit += columns[1 + j, i] * shift[lead + j]
-            target = columns[d + 1, i]
-            columns[d + 1, i] = target - fit
-            columns[d + 2, i] = target - y_center
+            fitted[i] = shift[0] if intercept else 0.0
+        for j in range(d):
+            column, weight = columns[1 + j], shift[lead + j]
+            for i in range(count):
+                fitted[i] += column[i] * weight
+        centered = columns[d + 2]
+        for i in range(count):
+            target = y[start + i]
+            fitted[i] = target - fitted[i]
+            centered[i] = target - y_center
         if keep:
-            residual[start : start + count] = columns[d + 1, :count]
-        for a in range(m):
-            for b in range(a, m):
+            residual[start : start + count] = fitted[:count]
+        total[0, 0] += count
+        for a in range(1, d + 2):
+            total[0, a] += _sum(columns[a], count)
+            for b in range(a, d + 2):
                 total[a, b] += _dot(columns[a], columns[b], count)
+        total[0, d + 2] += _sum(centered, count)
+        total[d + 2, d + 2] += _dot(centered, centered, count)
     for a in range(m):
         for b in range(a):
             total[a, b] = total[b, a]

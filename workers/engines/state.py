@@ -20,7 +20,7 @@ import numpy as np
 from service.errors import StateError
 from workers.engines.base import Array, Checkpoint, Params, Status
 
-Engine = str  # "loop" | "fused"
+EngineName = str  # "loop" | "fused"
 
 
 def _vector(raw: Any, n_features: int, what: str) -> Array:
@@ -192,7 +192,7 @@ class Summary:
     device: str
     backend: str
     dtype: str
-    engine: Engine
+    engine: EngineName
     diverged_at: int | None = field(default=None)
 
     def to_json(self) -> dict[str, Any]:
