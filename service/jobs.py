@@ -582,6 +582,7 @@ SUMMARY_FIELDS = (
     "bias",
     "train_seconds",
     "device",
+    "engine",
 )
 
 
