@@ -15,6 +15,9 @@ from service.errors import DeviceError
 from service.queue import make_app
 from service.settings import Settings
 
+#: How long a new pool process may take to start before Celery replaces it.
+PROCESS_START_SECONDS = 60.0
+
 
 def visible_gpus() -> list[int]:
     """Indices of the CUDA devices this host has; DeviceError where there are none."""
@@ -42,10 +45,16 @@ def run_worker(
         if not torch.cuda.is_available():
             raise DeviceError("--queues gpu: CUDA is not available on this host")
     app = make_app(settings)
+    # Celery kills a new pool process that has not reported in within 4 s; on a loaded host
+    # even a light start-up can take longer, and each kill is followed by another attempt that
+    # meets the same load. The slow set-up (torch) happens at a process's first job instead.
+    app.conf.worker_proc_alive_timeout = PROCESS_START_SECONDS
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // concurrency)
     register_tasks(app, settings, torch_threads=threads)
     nodename = name or f"lrq-{'-'.join(queues)}@{socket.gethostname()}"
-    app.worker_main(
+    # app.worker_main drops the worker's exit code (Celery's command runs without standalone
+    # mode): a worker that stopped on an error must not exit 0 under a supervisor.
+    code = app.start(
         [
             "worker",
             f"--queues={','.join(queues)}",
@@ -57,6 +66,8 @@ def run_worker(
             "--optimization=fair",
         ]
     )
+    if code:
+        sys.exit(code)
 
 
 def gpu_assignments(gpus: Sequence[int], visible: str | None) -> list[str]:
