@@ -98,8 +98,22 @@ class _GuardedChannel:
         return deliver
 
 
+class RedisQoS(redis.QoS):  # type: ignore[misc]
+    """Redis ack emulation that drops an unacked entry it cannot read instead of restoring it."""
+
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> Any:
+        try:
+            return super().restore_by_tag(tag, client=client, leftmost=leftmost)  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError) as exc:
+            discard("unacked", tag, f"cannot restore: {type(exc).__name__}: {exc}")
+            self._remove_from_indices(tag).execute()  # type: ignore[no-untyped-call]
+            return None
+
+
 class RedisChannel(_GuardedChannel, redis.Channel):  # type: ignore[misc]
     """A Redis channel that drops messages it cannot read."""
+
+    QoS = RedisQoS
 
     def _brpop_read(self, **options: Any) -> Any:
         try:
