@@ -52,21 +52,29 @@ def run_worker(
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // concurrency)
     register_tasks(app, settings, torch_threads=threads)
     nodename = name or f"lrq-{'-'.join(queues)}@{socket.gethostname()}"
-    # app.worker_main drops the worker's exit code (Celery's command runs without standalone
-    # mode): a worker that stopped on an error must not exit 0 under a supervisor.
-    code = app.start(
-        [
-            "worker",
-            f"--queues={','.join(queues)}",
-            f"--concurrency={concurrency}",
-            f"--hostname={nodename}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            "--optimization=fair",
-        ]
-    )
-    if code:
+    # app.worker_main (and app.start) drop the exit code of Celery's command, which runs
+    # without click's standalone mode: a worker that stopped on an error must not exit 0,
+    # or a supervisor that restarts failed workers leaves it down.
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # what app.start does: the --app default
+    try:
+        code = celery_command.main(
+            args=[
+                "worker",
+                f"--queues={','.join(queues)}",
+                f"--concurrency={concurrency}",
+                f"--hostname={nodename}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                "--optimization=fair",
+            ],
+            standalone_mode=False,
+        )
+    finally:
+        celery_command.params[0].default = None
+    if isinstance(code, int) and code:
         sys.exit(code)
 
 

@@ -13,6 +13,7 @@ from kombu.transport import redis
 
 
 def _broken_read(self: Any, **options: Any) -> Any:
+    self._in_poll = None  # so that closing the channel does not read the reply again
     raise RuntimeError("a bug in the consumer")
 
 

@@ -227,7 +227,12 @@ def test_a_second_ctrl_c_stops_the_worker_and_the_job_still_finishes(
 @contextlib.contextmanager
 def busy_cores(processes: int) -> Iterator[None]:
     """Busy-loop processes that keep every core of the host loaded."""
-    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    # Each in a session of its own: with the kernel's autogroup scheduling a session shares
+    # the CPU as one, as a busy host's separate services and users would.
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(processes)
+    ]
     try:
         yield
     finally:
