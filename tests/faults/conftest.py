@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support import (
+    DEADLINE_SCALE,
     WorkerProcess,
     free_port,
     need,
@@ -207,7 +208,7 @@ class Cluster:
         except pytest.fail.Exception:
             self.dump_threads()
             pytest.fail(
-                f"timed out after {timeout:g}s waiting for {what}{detail()}"
+                f"timed out after {timeout * DEADLINE_SCALE:g}s waiting for {what}{detail()}"
                 f"{self.database_activity()}\n{self.logs()}"
             )
 

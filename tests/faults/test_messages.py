@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.faults.conftest import Cluster, training_spec
-from tests.support import RedisServer
+from tests.support import DEADLINE_SCALE, RedisServer
 
 pytestmark = pytest.mark.faults
 
@@ -130,7 +130,7 @@ def test_reconcile_republishes_a_lost_job_with_junk_on_the_queues(
         env=cluster.env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120 * DEADLINE_SCALE,
         check=False,
     )
     assert reconciled.returncode == 0, reconciled.stderr

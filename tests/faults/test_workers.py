@@ -15,7 +15,7 @@ import pytest
 
 from service.queue import get_app, publish
 from tests.faults.conftest import KILLER, Cluster, elapsed, report_recovery, training_spec
-from tests.support import run_cli
+from tests.support import DEADLINE_SCALE, run_cli
 
 pytestmark = pytest.mark.faults
 
@@ -157,7 +157,7 @@ def test_sigterm_mid_job_loses_nothing(sqlite_cluster: Cluster, target: str) -> 
     else:
         old.kill(signal.SIGTERM)
     try:
-        old.process.wait(60)
+        old.process.wait(60 * DEADLINE_SCALE)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not exit after SIGTERM\n{cluster.logs()}")
 
@@ -192,7 +192,7 @@ def test_a_stopped_worker_hands_its_running_job_back_at_once(
     assert 0 < job.epochs_done < spec["epochs"]
     assert job.checkpoint["epoch"] == job.epochs_done
     try:
-        old.process.wait(120)
+        old.process.wait(120 * DEADLINE_SCALE)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not exit after {stop}\n{cluster.logs()}")
     report_recovery(f"{stop} -> worker exited", elapsed(stopped_at))
@@ -215,7 +215,7 @@ def test_a_second_ctrl_c_stops_the_worker_and_the_job_still_finishes(
     old.type_ctrl_c()
     old.type_ctrl_c()
     try:
-        old.process.wait(120)
+        old.process.wait(120 * DEADLINE_SCALE)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not exit after a second Ctrl-C\n{cluster.logs()}")
 
@@ -264,7 +264,7 @@ def test_a_worker_that_stops_on_an_error_exits_non_zero(sqlite_cluster: Cluster)
     worker = cluster.start_worker("a", command=broken, ready=False)
     cluster.submit(training_spec("wakes-the-consumer", epochs=10))
     try:
-        code = worker.process.wait(120)
+        code = worker.process.wait(120 * DEADLINE_SCALE)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the broken worker did not stop\n{cluster.logs()}")
     assert "Unrecoverable error" in worker.text()
