@@ -58,7 +58,6 @@ class _GuardedChannel:
 
     connection: Any
     qos: Any
-    connection_errors: tuple[type[BaseException], ...]
     Message: Callable[..., Any]
 
     def basic_consume(
@@ -85,7 +84,7 @@ class _GuardedChannel:
                 self.qos.append(message, message.delivery_tag)
             try:
                 return callback(message)
-            except self.connection_errors:
+            except self.connection.connection_errors:
                 raise
             except Exception as exc:
                 # Celery raises for some headers and bodies it cannot use; without this the

@@ -7,6 +7,8 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -168,3 +170,28 @@ def test_a_channel_of_a_closed_connection_raises_a_connection_error(
             channel.qos.ack("a-tag")
     finally:
         channel.close()
+
+
+def test_a_worker_on_the_filesystem_broker_discards_malformed_message_files(
+    make_cluster: Callable[..., Cluster], sqlite_url: str
+) -> None:
+    cluster = make_cluster(sqlite_url, "")  # no broker URL: the filesystem broker
+    folder = Path(cluster.env["LRQ_HOME"]) / "broker" / "queue"
+    folder.mkdir(parents=True, exist_ok=True)
+    junk = malformed("cpu")
+    for index, raw in enumerate(junk.values()):
+        # Named as kombu names its files: "<anything without a dot>.<queue>.msg".
+        (folder / f"junk_{index:02d}.cpu.msg").write_bytes(raw)
+    worker = cluster.start_worker("a")
+    cluster.wait(
+        lambda: not list(folder.glob("junk_*")), timeout=120, what="the junk files consumed"
+    )
+
+    spec = training_spec("after-the-junk-files", epochs=60)
+    job_id = cluster.submit(spec)
+    cluster.wait_finished(job_id)
+    cluster.assert_as_uninterrupted(job_id, spec)
+    assert worker.process.poll() is None, cluster.logs()
+    text = worker.text()
+    assert "Unrecoverable error" not in text
+    assert len(DISCARDED.findall(text)) == len(junk), text
