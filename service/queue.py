@@ -103,7 +103,8 @@ def make_app(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         broker_connection_timeout=settings.broker_timeout,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
     )
     if url.startswith("rediss://"):
         # Verify the server against the system's CAs (or the given file); never fall back.
