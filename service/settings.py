@@ -5,13 +5,76 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.errors import SettingsError
 
 #: Where the default SQLite database and serverless broker live.
 DEFAULT_HOME = Path(platformdirs.user_data_dir("lrq", appauthor=False))
+#: The password .env.example once shipped: a stack started with it has a published password.
+PLACEHOLDER_PASSWORDS = frozenset({"change-me"})
+#: Database URL schemes people write, and the SQLAlchemy driver lrq uses for each.
+DATABASE_DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgres+psycopg": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite",
+}
+BROKER_SCHEMES = ("redis", "rediss", "filesystem")
+DATABASE_EXAMPLE = "postgresql+psycopg://USER:PASSWORD@HOST:5432/DB or sqlite:///PATH"
+#: Fields whose values may hold a password: their errors never echo the value.
+_SECRET_FIELDS = frozenset({"database_url", "broker_url"})
+
+
+def _refuse_placeholder(password: str | None) -> None:
+    if password in PLACEHOLDER_PASSWORDS:
+        raise ValueError(
+            f"the password is the placeholder {password!r}: set a real one "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
+
+
+def normalize_database_url(url: str) -> str:
+    """The URL with lrq's driver (``postgres://`` becomes ``postgresql+psycopg``), or ValueError."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL; expected {DATABASE_EXAMPLE}") from None
+    driver = DATABASE_DRIVERS.get(parsed.drivername.lower())
+    if driver is None:
+        raise ValueError(
+            f"{parsed.drivername!r} databases are not supported; expected {DATABASE_EXAMPLE}"
+        )
+    _refuse_placeholder(parsed.password)
+    if driver == parsed.drivername:
+        return url
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def check_broker_url(url: str) -> str:
+    """The URL if lrq can use it (redis, rediss or filesystem), else ValueError."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("not a broker URL; expected redis://[:PASSWORD@]HOST:6379/0") from None
+    if parts.scheme.lower() not in BROKER_SCHEMES:
+        scheme = parts.scheme or url.partition(":")[0]
+        raise ValueError(
+            f"{scheme!r} brokers are not supported; use redis://, rediss:// or filesystem://"
+        )
+    _refuse_placeholder(password)
+    return url
 
 
 class Settings(BaseSettings):
@@ -69,6 +132,16 @@ class Settings(BaseSettings):
     #: Worker log lines: ``text`` (Celery's layout, naming the job) or ``json`` (one object a line).
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str) -> str:
+        return normalize_database_url(value) if value else value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_broker(cls, value: str) -> str:
+        return check_broker_url(value) if value else value
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url
@@ -84,7 +157,27 @@ class Settings(BaseSettings):
         return (self.data_dir or Path.cwd()).resolve()
 
 
+def describe_settings_error(exc: ValidationError) -> str:
+    """One line naming each refused variable: ``LRQ_MAX_ROWS: input should be ...``."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else ""
+        variable = f"LRQ_{name.upper()}"
+        if error["type"] == "value_error":
+            reason = str((error.get("ctx") or {}).get("error", error["msg"]))
+        else:
+            reason = error["msg"][:1].lower() + error["msg"][1:]
+        if name not in _SECRET_FIELDS and error["type"] != "value_error":
+            shown = repr(error.get("input"))
+            reason += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        problems.append(f"{variable}: {reason}")
+    return "; ".join(problems)
+
+
 @functools.cache
 def get_settings() -> Settings:
-    """The settings, read once per process."""
-    return Settings()
+    """The settings, read once per process; SettingsError names a refused variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_error(exc)) from None
