@@ -84,7 +84,8 @@ def make_app(settings: Settings) -> Celery:
         }
         broker_transport = "service.transport:FilesystemTransport"
     elif url.startswith("redis"):
-        broker_transport = "service.transport:RedisTransport"
+        secure = url.startswith("rediss://")
+        broker_transport = f"service.transport:{'Secure' if secure else ''}RedisTransport"
         transport.update(
             socket_connect_timeout=settings.broker_timeout,
             socket_timeout=max(settings.broker_timeout, 30.0),

@@ -17,6 +17,7 @@ from queue import Empty
 from typing import Any
 
 import redis as redis_py
+from kombu import connection
 from kombu.transport import filesystem, redis
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,22 @@ class FilesystemChannel(_GuardedChannel, filesystem.Channel):  # type: ignore[mi
             raise Empty() from None
 
 
+class SecureRedisTransport(RedisTransport):
+    """RedisTransport for ``rediss://`` URLs (named apart so that logs show the scheme)."""
+
+
 class FilesystemTransport(filesystem.Transport):  # type: ignore[misc]
     """kombu's filesystem transport with FilesystemChannel."""
 
     Channel = FilesystemChannel
+
+
+# Celery prints a broker as its transport's name ("Cannot connect to NAME://..."): show these
+# under the schemes they stand for, not as import paths.
+connection.resolve_aliases.update(
+    {
+        "service.transport:RedisTransport": "redis",
+        "service.transport:SecureRedisTransport": "rediss",
+        "service.transport:FilesystemTransport": "filesystem",
+    }
+)
