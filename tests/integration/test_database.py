@@ -98,7 +98,10 @@ def _big_sweep(url: str, *, n_jobs: int, epochs: int) -> tuple[str, list[str]]:
     specs = [JobSpec.model_validate({**small_spec(), "seed": i}) for i in range(n_jobs)]
     with db.transaction(url) as session:
         made = jobs.create_jobs(
-            specs, session=session, max_attempts=3, sweep=(small_spec(), ["seed"])
+            specs,
+            session=session,
+            max_attempts=3,
+            sweep=(small_spec(), ["seed=" + ",".join(str(i) for i in range(n_jobs))]),
         )
         ids, sweep_id = [j.id for j in made], made[0].sweep_id
         for job in made:
