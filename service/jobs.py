@@ -17,17 +17,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.errors import NotFoundError, StateError
 from service.models import TERMINAL, Dataset, Epoch, Job, Sweep
-from service.spec import JobSpec
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from service.datasets import Table
+    from service.spec import JobSpec
 
 
 def utcnow() -> dt.datetime:
@@ -292,6 +291,9 @@ class EpochRow:
 def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> None:
     if not rows:
         return
+    # Imported here: the PostgreSQL dialect module alone costs the CLI ~50 ms at start.
+    from sqlalchemy.dialects import postgresql, sqlite
+
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(Epoch)
