@@ -584,6 +584,7 @@ SUMMARY_FIELDS = (
     "bias",
     "train_seconds",
     "device",
+    "engine",
 )
 
 

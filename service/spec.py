@@ -191,6 +191,8 @@ class JobSpec(_Strict):
     seed: Int = Field(0, ge=0, lt=2**32)
     dtype: Literal["float32", "float64"] = "float32"
     eval_every: Int = Field(1, gt=0)
+    #: ``fused``: the fast paths; ``loop``: the reference loops; ``auto``: fused where it can.
+    engine: Literal["auto", "fused", "loop"] = "auto"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:

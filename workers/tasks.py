@@ -183,6 +183,9 @@ def execute_job(job_id: str, settings: Settings) -> str:
             on_epoch=recorder.on_epoch,
             should_stop=recorder.should_stop,
             resume=claim.checkpoint,
+            # The engine advances a recording interval at a time.
+            chunk_epochs=settings.record_every_epochs,
+            chunk_seconds=settings.record_every_seconds,
         )
         state, result = run.status, run.summary
     except SoftTimeLimitExceeded:

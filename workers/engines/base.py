@@ -69,7 +69,7 @@ def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool) -> npt.NDArray[
     exactly as an uninterrupted one would and both backends see the same batches."""
     if not shuffle:
         return np.arange(n, dtype=np.int64)
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64, copy=False)
 
 
 def batch_slices(n: int, batch_size: int | None) -> Iterator[slice]:

@@ -146,3 +146,9 @@ class TorchModel:
 def _array(tensor: torch.Tensor) -> Array:
     # copy=True: on a float64 cpu tensor .to() would otherwise hand back the live parameter.
     return tensor.detach().to("cpu", torch.float64, copy=True).reshape(-1).numpy()
+
+
+def parameters_of(linear: nn.Linear) -> Params:
+    """An nn.Linear's weights and bias (None without one) as float64."""
+    bias = linear.bias
+    return _array(linear.weight), None if bias is None else float(bias.item())

@@ -1,0 +1,183 @@
+"""The epoch loop: advances any engine a chunk of epochs at a time and reports every epoch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from service.spec import JobSpec
+from workers.engines.base import (
+    Array,
+    Checkpoint,
+    EpochRecord,
+    OnEpoch,
+    Params,
+    RunResult,
+    ShouldStop,
+    Status,
+    TrainData,
+)
+from workers.engines.state import Anchor, RunState, Summary
+
+
+@dataclass
+class Chunk:
+    """What ``advance`` did: one entry per epoch that stayed finite, in order."""
+
+    train_losses: Array  # with the spec's reduction
+    test_losses: Array  # nan where the epoch was not evaluated
+    diverged: bool  # the epoch after the last one here went non-finite
+
+
+@dataclass(frozen=True)
+class EpochState:
+    """Parameters after one epoch, and what the engine needs to resume from them exactly."""
+
+    params: Params
+    momentum: Params | None
+    anchor: Anchor | None = None
+
+
+class Engine(Protocol):
+    """One way of training a spec: it advances by chunks and keeps each epoch's state."""
+
+    name: str
+    device: str
+
+    def initial(self) -> Params:
+        """The parameters the run starts from."""
+        ...
+
+    def restore(self, state: RunState) -> None:
+        """Continue from a checkpoint's state."""
+        ...
+
+    def advance(self, start: int, count: int, evaluate: npt.NDArray[np.bool_]) -> Chunk:
+        """Run epochs ``start + 1 … start + count``; ``evaluate[i]``: test loss after epoch i."""
+        ...
+
+    def state_after(self, index: int) -> EpochState:
+        """The state after the ``index``-th epoch of the last chunk (-1: before it)."""
+        ...
+
+    def keep(self, index: int) -> None:
+        """Make the state after the ``index``-th epoch of the last chunk the current one."""
+        ...
+
+    def summary(self, status: Status) -> Summary:
+        """The math of the current parameters (losses, R², optimum), the run's facts left blank."""
+        ...
+
+
+@dataclass
+class Progress:
+    """A run's counters, and the snapshots built from them and an engine's state."""
+
+    spec: JobSpec
+    engine: Engine
+    initial: Params
+    epoch: int = 0
+    best_loss: float | None = None
+    train_seconds: float = 0.0
+    history: list[EpochRecord] = field(default_factory=list)
+
+    def snapshot(self, state: EpochState) -> RunState:
+        return RunState(
+            backend=self.spec.backend,
+            epoch=self.epoch,
+            params=state.params,
+            momentum=state.momentum,
+            seed=self.spec.seed,
+            initial=self.initial,
+            best_loss=self.best_loss,
+            train_seconds=self.train_seconds,
+            anchor=state.anchor,
+        )
+
+
+def run_epochs(
+    spec: JobSpec,
+    data: TrainData,
+    engine: Engine,
+    *,
+    on_epoch: OnEpoch | None,
+    should_stop: ShouldStop | None,
+    resume: RunState | None,
+    chunk_epochs: int,
+    chunk_seconds: float,
+    setup_seconds: float = 0.0,
+) -> RunResult:
+    """Train the remaining epochs chunk by chunk, calling back after every epoch.
+
+    ``setup_seconds`` (the engine's preparation: statistics passes, compilation) counts as
+    training time.
+    """
+    progress = Progress(spec, engine, initial=engine.initial())
+    if resume is not None:
+        engine.restore(resume)
+        progress.initial = resume.initial
+        progress.epoch = resume.epoch
+        progress.best_loss = resume.best_loss
+        progress.train_seconds = resume.train_seconds
+    progress.train_seconds += setup_seconds
+    has_test = data.x_test is not None and data.y_test is not None
+    status: Status = "succeeded"
+    diverged_at: int | None = None
+    per_epoch: float | None = None
+    while progress.epoch < spec.epochs and status == "succeeded":
+        count = min(chunk_epochs, spec.epochs - progress.epoch)
+        # One epoch first, to time it: slow epochs make short chunks, so that a cancel or a
+        # lost lease is still seen within T seconds.
+        if per_epoch is None:
+            count = 1
+        elif per_epoch > 0:
+            count = max(1, min(count, int(chunk_seconds / per_epoch)))
+        epochs = np.arange(progress.epoch + 1, progress.epoch + count + 1)
+        evaluate = np.zeros(count, dtype=bool)
+        if has_test:
+            evaluate = (epochs % spec.eval_every == 0) | (epochs == spec.epochs)
+        began = time.perf_counter()
+        chunk = engine.advance(progress.epoch, count, evaluate)
+        done = len(chunk.train_losses)
+        seconds = time.perf_counter() - began
+        per_epoch = seconds / max(done, 1)
+        if chunk.diverged:
+            status, diverged_at = "diverged", progress.epoch + done + 1
+        losses, tests = chunk.train_losses.tolist(), chunk.test_losses.tolist()
+        for index in range(done):
+            progress.epoch += 1
+            progress.train_seconds += per_epoch
+            loss, test = losses[index], tests[index]
+            best = progress.best_loss
+            progress.best_loss = loss if best is None or loss < best else best
+            record = EpochRecord(progress.epoch, loss, None if test != test else test, per_epoch)
+            progress.history.append(record)
+            if on_epoch is not None:
+                on_epoch(record, _snapshotter(progress, engine, index))
+            # A run that has done all its epochs has succeeded, whatever arrives now.
+            if should_stop is not None and progress.epoch < spec.epochs and should_stop():
+                engine.keep(index)
+                status = "cancelled"
+                break
+    summary = engine.summary(status)
+    summary.epochs_done = progress.epoch
+    summary.train_loss = progress.history[-1].train_loss if progress.history else None
+    summary.best_loss = progress.best_loss
+    summary.initial_weights = progress.initial[0].tolist()
+    summary.initial_bias = progress.initial[1]
+    summary.train_seconds = progress.train_seconds
+    summary.diverged_at = diverged_at
+    return RunResult(status, progress.history, summary.to_json())
+
+
+def _snapshotter(progress: Progress, engine: Engine, index: int) -> Callable[[], Checkpoint]:
+    # Counters are read when the snapshot is taken: during this epoch's callback.
+    def snapshot() -> Checkpoint:
+        return progress.snapshot(engine.state_after(index)).to_json()
+
+    return snapshot
