@@ -33,7 +33,7 @@ TINY = ("--set", "data.synthetic.n_samples=32", "--set", "epochs=5")
 #: The celery worker's settings on both sides (lrq's workers/pool.py passes the same).
 WORKER_FLAGS = ("--concurrency=2", "--without-gossip", "--without-mingle", "--optimization=fair")
 
-NOOP_APP = '''
+NOOP_APP = """
 import os
 import redis
 from celery import Celery
@@ -49,7 +49,7 @@ counter = redis.Redis.from_url(os.environ["NOOP_BROKER"])
 @app.task(name="noop")
 def noop(i):
     counter.incr("noop-done")
-'''
+"""
 
 
 @contextmanager
@@ -75,9 +75,7 @@ def finished_count(url: str, ids: list[str]) -> int:
 
     with db.transaction(url) as session:
         return int(
-            session.scalar(
-                select(func.count()).where(Job.id.in_(ids) & Job.state.in_(TERMINAL))
-            )
+            session.scalar(select(func.count()).where(Job.id.in_(ids) & Job.state.in_(TERMINAL)))
             or 0
         )
 

@@ -23,7 +23,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], *, timeout: float, what: str, every: float = 0.02) -> None:
+def wait_until(
+    check: Callable[[], bool], *, timeout: float, what: str, every: float = 0.02
+) -> None:
     """Poll ``check`` until it is true; RuntimeError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not check():

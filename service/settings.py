@@ -6,7 +6,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import platformdirs
 
@@ -106,8 +106,18 @@ def _checked(name: str, raw: Any) -> Any:
     return value
 
 
+class FieldDefault(NamedTuple):
+    """A field's default, where code reads ``Settings.model_fields[name].default``."""
+
+    default: Any
+
+
 class Settings:
     """Everything configurable; defaults need no server."""
+
+    model_fields: ClassVar[dict[str, FieldDefault]] = {
+        name: FieldDefault(default) for name, (_, default, _, _) in _FIELDS.items()
+    }
 
     #: Directory for the default SQLite database and the filesystem broker.
     home: Path
