@@ -127,6 +127,10 @@ def main() -> None:
     parser.add_argument(
         "--pack", action="store_true", help="Also time packed submits (needs `submit --pack`)."
     )
+    parser.add_argument(
+        "--no-task-events", action="store_true", help="Run lrq's worker with LRQ_TASK_EVENTS=0."
+    )
+    parser.add_argument("--loglevel", default="WARNING", help="lrq worker's log level.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
@@ -140,12 +144,14 @@ def main() -> None:
                 PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
                 NOOP_BROKER=broker,
             )
+            if args.no_task_events:
+                env["LRQ_TASK_EVENTS"] = "0"
             noop_env = {**env, "PYTHONPATH": str(work)}
             celery = [sys.executable, "-m", "celery", "-A", "noop_app", "worker", "-Q", "noop"]
             lrq_worker = [*CLI, "worker", "--queues", "cpu", "--concurrency", "2"]
             with (
                 process([*celery, *WORKER_FLAGS, "--loglevel=WARNING"], noop_env, work / "c.log"),
-                process([*lrq_worker, "--loglevel", "WARNING"], env, work / "w.log"),
+                process([*lrq_worker, "--loglevel", args.loglevel], env, work / "w.log"),
             ):
                 # Warm both: pool processes forked, imports done, connections open.
                 lrq_run(20, env, url, pack=False)

@@ -14,9 +14,9 @@ import socket
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import NotFoundError, StateError
@@ -24,6 +24,7 @@ from service.models import TERMINAL, Dataset, Epoch, Job, Sweep
 
 if TYPE_CHECKING:
     import pandas as pd
+    from sqlalchemy import Table as SqlTable
 
     from service.datasets import Table
     from service.spec import JobSpec
@@ -193,10 +194,37 @@ def _holder_is_dead_here(worker: str | None) -> bool:
 
 def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: float) -> Claim | None:
     """Take a job for one attempt, or None when it is not ours to run now."""
+    now = utcnow()
+    # The usual case, a queued job with attempts left, in one statement; a concurrent claim
+    # waits on the row and then finds it no longer queued.
+    taken = session.execute(
+        update(Job)
+        .where(
+            (Job.id == job_id)
+            & (Job.state == "queued")
+            & (Job.attempts - Job.attempts_at_retry < Job.max_attempts)
+        )
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            worker=worker,
+            lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .returning(Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if taken is not None:
+        return Claim(
+            job_id=job_id,
+            attempt=taken.attempts,
+            spec=taken.spec,
+            checkpoint=taken.checkpoint,
+            dataset_id=taken.dataset_id,
+        )
     job = session.get(Job, job_id)
     if job is None:
         return None
-    now = utcnow()
     lapsed = job.state == "running" and (
         (job.lease_expires_at is not None and job.lease_expires_at < now)
         or _holder_is_dead_here(job.worker)
@@ -288,7 +316,13 @@ class EpochRow:
     seconds: float
 
 
+#: Epoch rows per INSERT: one multi-row statement each (5 parameters a row stays inside
+#: SQLite's and PostgreSQL's limits on a statement's parameters).
+EPOCHS_PER_STATEMENT = 1000
+
+
 def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> None:
+    """Insert or overwrite epoch rows, as multi-row statements rather than one per epoch."""
     if not rows:
         return
     # Imported here: the PostgreSQL dialect module alone costs the CLI ~50 ms at start.
@@ -296,28 +330,32 @@ def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> N
 
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Epoch)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Epoch.job_id, Epoch.epoch],
-        set_={
-            "train_loss": stmt.excluded.train_loss,
-            "test_loss": stmt.excluded.test_loss,
-            "seconds": stmt.excluded.seconds,
-        },
-    )
-    session.execute(
-        stmt,
-        [
-            {
-                "job_id": job_id,
-                "epoch": r.epoch,
-                "train_loss": r.train_loss,
-                "test_loss": r.test_loss,
-                "seconds": r.seconds,
-            }
-            for r in rows
-        ],
-    )
+    table = cast("SqlTable", Epoch.__table__)
+    connection = session.connection()
+    for start in range(0, len(rows), EPOCHS_PER_STATEMENT):
+        # A Core statement with its VALUES list: an executemany (or the ORM's bulk insert)
+        # would have the server run one INSERT per epoch.
+        stmt = insert(table).values(
+            [
+                {
+                    "job_id": job_id,
+                    "epoch": r.epoch,
+                    "train_loss": r.train_loss,
+                    "test_loss": r.test_loss,
+                    "seconds": r.seconds,
+                }
+                for r in rows[start : start + EPOCHS_PER_STATEMENT]
+            ]
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.job_id, table.c.epoch],
+            set_={
+                "train_loss": stmt.excluded.train_loss,
+                "test_loss": stmt.excluded.test_loss,
+                "seconds": stmt.excluded.seconds,
+            },
+        )
+        connection.execute(stmt)
 
 
 class LeaseLostError(StateError):
@@ -345,12 +383,17 @@ def record_epochs(
         values["last_loss"] = rows[-1].train_loss
     if checkpoint is not None:
         values["checkpoint"] = json_safe(checkpoint)
-    result = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    cancel = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(**values)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if cancel is None:
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
     _upsert_epochs(job_id, rows, session)
-    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-    return Progress(cancel_requested=bool(cancel))
+    return Progress(cancel_requested=bool(cancel[0]))
 
 
 def finish_job(
@@ -376,12 +419,18 @@ def finish_job(
     if rows:
         values["epochs_done"] = rows[-1].epoch
         values["last_loss"] = rows[-1].train_loss
-    done = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
-    if done.rowcount != 1:  # type: ignore[attr-defined]
+    done = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(**values)
+        .returning(Job.epochs_done)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if done is None:
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
     _upsert_epochs(job_id, rows, session)
     if state == "succeeded":
-        expected = session.scalar(select(Job.epochs_done).where(Job.id == job_id))
+        expected = done[0]
         stored = session.scalar(select(func.count()).where(Epoch.job_id == job_id))
         if stored != expected:
             # Raising rolls the whole finish back: the job stays running and is resumed.
@@ -588,8 +637,9 @@ SUMMARY_FIELDS = (
 )
 
 
-def result_row(job: Job) -> dict[str, Any]:
-    """One job as a flat row: identity, state, the spec's parameters and the summary."""
+def result_row(job: Job | Row[Any]) -> dict[str, Any]:
+    """One job (an ORM object or a row of ``RESULT_COLUMNS``) as a flat row: identity, state,
+    the spec's parameters and the summary."""
     from service.spec import flatten
 
     row: dict[str, Any] = {
@@ -611,11 +661,36 @@ def result_row(job: Job) -> dict[str, Any]:
     return row
 
 
-def results_frame(jobs: Sequence[Job]) -> pd.DataFrame:
+def results_frame(jobs: Sequence[Job | Row[Any]]) -> pd.DataFrame:
     """One row per job: spec parameters flattened into columns, and the summary."""
     import pandas as pd
 
     return pd.DataFrame([result_row(job) for job in jobs])
+
+
+#: The columns a results row is made of, read without an ORM object per job.
+RESULT_COLUMNS = (
+    Job.id,
+    Job.name,
+    Job.sweep_id,
+    Job.state,
+    Job.attempts,
+    Job.error,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.epochs_done,
+    Job.result,
+    Job.spec,
+)
+
+
+def results_frame_of(job_ids: Sequence[str], *, session: Session) -> pd.DataFrame:
+    """The results frame of many jobs (oldest first) from one query of plain rows."""
+    rows = session.execute(
+        select(*RESULT_COLUMNS).where(Job.id.in_(job_ids)).order_by(Job.created_at, Job.id)
+    ).all()
+    return results_frame(rows)
 
 
 def history_rows(job_ids: Sequence[str], *, session: Session) -> list[Epoch]:

@@ -3,9 +3,14 @@ statements per job, and frames built straight from rows."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support import small_spec, submit_ids
 
 
 def test_a_sweeps_messages_are_one_pipeline_whatever_its_size(
@@ -49,3 +54,110 @@ def test_a_sweeps_messages_are_one_pipeline_whatever_its_size(
         assert set(ids) <= (held_job_ids(app) or set())
     assert round_trips[1] <= round_trips[0], round_trips
     assert round_trips[0] < 30, round_trips  # connecting and declaring, not one per message
+
+
+@pytest.fixture
+def counted_statements() -> Iterator[dict[str, list[Any]]]:
+    """Every commit and statement any engine sends while the test runs (SQLAlchemy events)."""
+    from sqlalchemy import Engine, event
+
+    seen: dict[str, list[Any]] = {"commits": [], "statements": []}
+
+    def on_commit(_connection: Any) -> None:
+        seen["commits"].append(len(seen["statements"]))
+
+    def on_statement(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, _context: Any, many: bool
+    ) -> None:
+        seen["statements"].append((statement.split()[0], many))
+
+    event.listen(Engine, "commit", on_commit)
+    event.listen(Engine, "before_cursor_execute", on_statement)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_statement)
+        event.remove(Engine, "commit", on_commit)
+
+
+def test_a_short_job_costs_four_transactions_from_submit_to_finish(
+    lrq_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    counted_statements: dict[str, list[Any]],
+) -> None:
+    from service import db, jobs
+    from service.settings import Settings
+    from workers.tasks import execute_job
+
+    # No timed flush mid-run on a loaded machine: this job records only when it finishes.
+    monkeypatch.setenv("LRQ_RECORD_EVERY_SECONDS", "600")
+    spec = tmp_path / "small.json"
+    spec.write_text(json.dumps({**small_spec(), "epochs": 7}))
+    [job_id] = submit_ids(str(spec))
+    submit_commits = len(counted_statements["commits"])
+    worker_from = len(counted_statements["statements"])
+    outcome = execute_job(job_id, Settings())
+    assert outcome == "succeeded"
+    commits = counted_statements["commits"]
+    worker_statements = counted_statements["statements"][worker_from:]
+    # Submit: insert the job, stamp it published. The worker: claim, then finish (the last
+    # epochs, the result and the state) -- one statement each, the epochs in one INSERT.
+    assert submit_commits == 2
+    assert len(commits) == 4
+    assert worker_statements == [
+        ("UPDATE", False),
+        ("UPDATE", False),
+        ("INSERT", False),
+        ("SELECT", False),
+    ]
+    url = lrq_env["LRQ_DATABASE_URL"]
+    with db.transaction(url) as session:
+        frame = jobs.history_frame([job_id], session=session)
+    assert frame["epoch"].tolist() == list(range(1, 8))
+
+
+def test_a_thousand_epochs_are_one_insert_statement(
+    database_url: str, counted_statements: dict[str, list[Any]]
+) -> None:
+    from service import db, jobs
+    from service.spec import JobSpec
+
+    with db.transaction(database_url) as session:
+        [job] = jobs.create_jobs(
+            [JobSpec.model_validate({**small_spec(), "epochs": 2500})],
+            session=session,
+            max_attempts=1,
+        )
+    with db.transaction(database_url) as session:
+        claim = jobs.claim_job(job.id, session=session, worker="here:1", lease_seconds=60)
+    assert claim is not None
+    rows = [jobs.EpochRow(e, 1.0 / e, 2.0 / e, 0.001 * e) for e in range(1, 2501)]
+    counted_statements["statements"].clear()
+    with db.transaction(database_url) as session:
+        jobs.record_epochs(
+            job.id,
+            rows[:1000],
+            attempt=claim.attempt,
+            checkpoint=None,
+            session=session,
+            lease_seconds=60,
+        )
+    assert counted_statements["statements"] == [("UPDATE", False), ("INSERT", False)]
+    counted_statements["statements"].clear()
+    with db.transaction(database_url) as session:
+        jobs.finish_job(
+            job.id, attempt=claim.attempt, state="succeeded", rows=rows[1000:], session=session
+        )
+    # 1,500 rows: two multi-row statements, never an executemany of one INSERT per row.
+    assert counted_statements["statements"] == [
+        ("UPDATE", False),
+        ("INSERT", False),
+        ("INSERT", False),
+        ("SELECT", False),
+    ]
+    with db.transaction(database_url) as session:
+        frame = jobs.history_frame([job.id], session=session)
+    assert frame["epoch"].tolist() == list(range(1, 2501))
+    assert frame["train_loss"].tolist() == [r.train_loss for r in rows]
+    assert frame["test_loss"].tolist() == [r.test_loss for r in rows]
