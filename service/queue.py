@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 #: The task every message names; its only argument is a job id.
 TASK_NAME = "lrq.run_job"
 QUEUES = ("cpu", "gpu")
+#: How often a worker on the filesystem broker looks for new messages.
+FILESYSTEM_POLL_SECONDS = 0.05
 
 
 def mask_broker_url(url: str) -> str:
@@ -64,6 +66,9 @@ def make_app(settings: Settings) -> Celery:
         url = _verified_tls_url(url)
     app = Celery("lrq", broker=url, set_as_current=False)
     transport: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout}
+    # Transports that drop a message they cannot read rather than dying on it (a path, so the
+    # module is imported only when a connection is made).
+    broker_transport: str | None = None
     if url.startswith("filesystem://"):
         folder = settings.broker_folder()
         for sub in ("queue", "control"):
@@ -73,8 +78,13 @@ def make_app(settings: Settings) -> Celery:
             "data_folder_out": str(folder / "queue"),
             "control_folder": str(folder / "control"),
             "store_processed": False,
+            # kombu polls the folder once a second by default: a sweep of small jobs would
+            # then run one job a second however many workers there are.
+            "polling_interval": FILESYSTEM_POLL_SECONDS,
         }
+        broker_transport = "service.transport:FilesystemTransport"
     elif url.startswith("redis"):
+        broker_transport = "service.transport:RedisTransport"
         transport.update(
             socket_connect_timeout=settings.broker_timeout,
             socket_timeout=max(settings.broker_timeout, 30.0),
@@ -98,6 +108,7 @@ def make_app(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.soft_time_limit,
         task_time_limit=settings.time_limit,
+        broker_transport=broker_transport,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
@@ -179,6 +190,7 @@ def _redis_client(app: Celery) -> Any:
 
 
 def _job_id_of(raw: bytes | str) -> str | None:
+    """The job id a stored message carries; None for anything else, however malformed."""
     try:
         message = json.loads(raw)
         if isinstance(message, list):  # the unacked hash stores [message, exchange, key]
@@ -188,7 +200,7 @@ def _job_id_of(raw: bytes | str) -> str | None:
             body = base64.b64decode(body)
         args = json.loads(body)[0]
         return str(args[0])
-    except (ValueError, KeyError, IndexError, TypeError):
+    except Exception:  # foreign or malformed: not a message of ours, so it holds no job
         return None
 
 
@@ -208,6 +220,8 @@ def held_job_ids(
     for queue in queues:
         keys.extend(k.decode() for k in client.scan_iter(match=f"{queue}\x06\x16*"))
     for key in keys:
+        if client.type(key) not in (b"list", b"none"):
+            continue  # not a queue kombu wrote
         for raw in client.lrange(key, 0, -1):
             job_id = _job_id_of(raw)
             if job_id:

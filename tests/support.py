@@ -19,6 +19,10 @@ from click.testing import CliRunner, Result
 
 T = TypeVar("T")
 REQUIRE_SERVICES = os.environ.get("LRQ_REQUIRE_SERVICES") == "1"
+#: Every wait's deadline is this many times the one a test names: a loaded 2-core machine runs
+#: the suite many times slower than an idle one, and a deadline only bounds how long a
+#: failing wait takes, never how fast something must be.
+DEADLINE_SCALE = 5.0
 
 
 def need(reason: str) -> None:
@@ -36,6 +40,7 @@ def free_port() -> int:
 
 def wait_for(check: Callable[[], T], *, timeout: float, what: str, every: float = 0.1) -> T:
     """Poll until check() returns something truthy; fail naming what never happened."""
+    timeout *= DEADLINE_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = check()
@@ -221,6 +226,7 @@ def wait_jobs(
     workers: Sequence[WorkerProcess] = (),
 ) -> list[Any]:
     """Poll until every job is in one of ``states``; fail with their states and worker logs."""
+    timeout *= DEADLINE_SCALE
     deadline = time.monotonic() + timeout
     while True:
         found = load_jobs(url, ids)

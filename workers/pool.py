@@ -16,6 +16,9 @@ from service.errors import DeviceError
 from service.queue import make_app
 from service.settings import Settings
 
+#: How long a new pool process may take to start before Celery replaces it.
+PROCESS_START_SECONDS = 60.0
+
 
 def visible_gpus() -> list[int]:
     """Indices of the CUDA devices this host has; DeviceError where there are none."""
@@ -43,21 +46,37 @@ def run_worker(
         if not torch.cuda.is_available():
             raise DeviceError("--queues gpu: CUDA is not available on this host")
     app = make_app(settings)
+    # Celery kills a new pool process that has not reported in within 4 s; on a loaded host
+    # even a light start-up can take longer, and each kill is followed by another attempt that
+    # meets the same load. The slow set-up (torch) happens at a process's first job instead.
+    app.conf.worker_proc_alive_timeout = PROCESS_START_SECONDS
     threads = settings.torch_threads or max(1, (os.cpu_count() or 1) // concurrency)
     register_tasks(app, settings, torch_threads=threads)
     nodename = name or f"lrq-{'-'.join(queues)}@{socket.gethostname()}"
-    app.worker_main(
-        [
-            "worker",
-            f"--queues={','.join(queues)}",
-            f"--concurrency={concurrency}",
-            f"--hostname={nodename}",
-            f"--loglevel={loglevel}",
-            "--without-gossip",
-            "--without-mingle",
-            "--optimization=fair",
-        ]
-    )
+    # app.worker_main (and app.start) drop the exit code of Celery's command, which runs
+    # without click's standalone mode: a worker that stopped on an error must not exit 0,
+    # or a supervisor that restarts failed workers leaves it down.
+    from celery.bin.celery import celery as celery_command
+
+    celery_command.params[0].default = app  # what app.start does: the --app default
+    try:
+        code = celery_command.main(
+            args=[
+                "worker",
+                f"--queues={','.join(queues)}",
+                f"--concurrency={concurrency}",
+                f"--hostname={nodename}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+                "--optimization=fair",
+            ],
+            standalone_mode=False,
+        )
+    finally:
+        celery_command.params[0].default = None
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def gpu_assignments(gpus: Sequence[int], visible: str | None) -> list[str]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import socket
 import threading
 import time
@@ -15,9 +18,9 @@ from celery.worker.request import Request
 from sqlalchemy import exc as sa_exc
 
 from service import db, jobs
-from service.dispatch import reconcile_once
-from service.errors import DataError, LrqError
-from service.models import Dataset
+from service.dispatch import publish_jobs, reconcile_once
+from service.errors import BrokerError, DataError, LrqError
+from service.models import Dataset, Job
 from service.settings import Settings
 from service.spec import JobSpec
 from workers.engines.base import Checkpoint, EpochRecord, RunResult
@@ -29,6 +32,12 @@ T = TypeVar("T")
 #: The longest pause between a worker's tries to reach the database.
 DB_RETRY_MAX_PAUSE = 5.0
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError)
+
+#: Sent by the worker's main process to its pool processes when it begins a warm shutdown:
+#: a running job checkpoints, goes back to the queue and its process returns at once.
+RELEASE_SIGNAL = signal.SIGUSR2
+#: Set (in a pool process) once the worker is shutting down.
+shutdown_requested = threading.Event()
 
 
 def with_db_retries(action: Callable[[], T], *, what: str) -> T:
@@ -59,15 +68,23 @@ class Recorder:
         self.last_flush = time.monotonic()
         self.cancel_requested = False
         self.lease_lost = False
+        #: The worker is shutting down and this attempt's last epoch is recorded with a
+        #: checkpoint: the run stops and the job goes back to the queue.
+        self.released = False
 
     def on_epoch(self, record: EpochRecord, snapshot: Callable[[], Checkpoint]) -> None:
+        if self.released:
+            return  # the checkpoint is written; a later epoch is run again on resume
         self.pending.append(
             jobs.EpochRow(record.epoch, record.train_loss, record.test_loss, record.seconds)
         )
         due = len(self.pending) >= self.settings.record_every_epochs or (
             time.monotonic() - self.last_flush >= self.settings.record_every_seconds
         )
-        if due:
+        if shutdown_requested.is_set():
+            self.flush(snapshot())
+            self.released = not self.lease_lost
+        elif due:
             self.flush(snapshot())
 
     def flush(self, checkpoint: Checkpoint | None) -> None:
@@ -94,7 +111,7 @@ class Recorder:
         self.cancel_requested = progress.cancel_requested
 
     def should_stop(self) -> bool:
-        return self.cancel_requested or self.lease_lost
+        return self.cancel_requested or self.lease_lost or self.released
 
 
 class LeaseKeeper(threading.Thread):
@@ -213,6 +230,8 @@ def execute_job(job_id: str, settings: Settings) -> str:
         return "lease lost"
     if unreachable:
         return "database unavailable"
+    if recorder.released and state == "cancelled" and not recorder.cancel_requested:
+        return release_for_shutdown(job_id, settings)
 
     def finish() -> None:
         with db.transaction(url) as session:
@@ -233,6 +252,18 @@ def execute_job(job_id: str, settings: Settings) -> str:
     return state
 
 
+def release_for_shutdown(job_id: str, settings: Settings) -> str:
+    """Put a job this process checkpointed at shutdown back to queued; returns "released"."""
+
+    def release() -> None:
+        with db.transaction(settings.resolved_database_url()) as session:
+            jobs.release_job(job_id, worker=jobs.worker_identity(), session=session)
+
+    with_db_retries(release, what=f"job {job_id}: release")
+    log.info("job %s: checkpointed and released for the worker's shutdown", job_id)
+    return "released"
+
+
 # -- Celery glue ----------------------------------------------------------------------------
 
 
@@ -241,8 +272,45 @@ class JobNotSucceededError(Exception):
 
 
 def _job_id(request: Request) -> str | None:
-    args = request.args
-    return str(args[0]) if args else None
+    try:
+        args = request.args
+        return str(args[0]) if args else None
+    except Exception:  # a malformed message: it names no job
+        return None
+
+
+def _republish(app: Celery, settings: Settings, job_id: str) -> None:
+    """Send a released job's message now; the reconciler sends it if this fails."""
+
+    def queue_of() -> str | None:
+        with db.transaction(settings.resolved_database_url()) as session:
+            job = session.get(Job, job_id)
+            return job.queue if job is not None and job.state == "queued" else None
+
+    try:
+        queue = with_db_retries(queue_of, what=f"job {job_id}: republish")
+        if queue is not None:
+            publish_jobs(app, settings, [(job_id, queue)])
+    except (BrokerError, *_TRANSIENT) as exc:
+        log.warning("job %s: not republished (%s); the reconciler will", job_id, exc)
+
+
+def _request_release(*_: Any) -> None:
+    shutdown_requested.set()
+
+
+_torch_threads_set = threading.Event()
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """Cap torch's threads in this process, once, at its first job (importing torch takes
+    seconds on a busy host: too long for a new pool process's start-up)."""
+    if threads and not _torch_threads_set.is_set():
+        _torch_threads_set.set()
+        import torch
+
+        # Pool processes each taking every core slow each other down many times over.
+        torch.set_num_threads(threads)
 
 
 class JobRequest(Request):  # type: ignore[misc]
@@ -281,6 +349,14 @@ class JobRequest(Request):  # type: ignore[misc]
 
 
 _reconciler_started = threading.Event()
+#: The Celery workers started in this process (their pools hold the job processes).
+workers_here: list[Any] = []
+
+
+def pool_pids(worker: Any) -> list[int]:
+    """Pids of a Celery worker's pool processes (none for a pool without processes)."""
+    pool = getattr(getattr(worker, "pool", None), "_pool", None)
+    return [int(p.pid) for p in getattr(pool, "_pool", None) or [] if p.pid]
 
 
 def start_reconciler(app: Celery, settings: Settings) -> threading.Thread:
@@ -313,8 +389,11 @@ def register_tasks(
         throws=(JobNotSucceededError,),  # an outcome, logged without a traceback
     )  # type: ignore[untyped-decorator]
     def run_job(self: Any, job_id: str) -> dict[str, str]:
+        _limit_torch_threads(torch_threads)
         outcome = execute_job(str(job_id), settings)
-        if outcome not in ("succeeded", "skipped"):
+        if outcome == "released":
+            _republish(app, settings, str(job_id))
+        elif outcome not in ("succeeded", "skipped"):
             # Celery and Flower must not count a failed, diverged or cancelled job a success.
             raise JobNotSucceededError(f"job {job_id}: {outcome}")
         return {"job_id": str(job_id), "outcome": outcome}
@@ -329,11 +408,25 @@ def register_tasks(
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _fresh_process(**_: Any) -> None:
         db.dispose_all(close=False)  # never reuse a pool inherited across fork
-        if torch_threads:
-            import torch
+        shutdown_requested.clear()
+        signal.signal(RELEASE_SIGNAL, _request_release)
 
-            # Pool processes each taking every core slow each other down many times over.
-            torch.set_num_threads(torch_threads)
+    @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _main_process(sender: Any, **_: Any) -> None:
+        workers_here.append(sender)
+        if threading.current_thread() is threading.main_thread():
+            # Inherited by each pool process from its fork, so that the signal cannot kill
+            # one that has not yet run its own set-up.
+            signal.signal(RELEASE_SIGNAL, _request_release)
+
+    @signals.worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _release_running_jobs(**_: Any) -> None:
+        # Celery's warm shutdown waits for running jobs, which may take hours: have each
+        # pool process checkpoint its job and hand it back instead.
+        for worker in workers_here:
+            for pid in pool_pids(worker):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, RELEASE_SIGNAL)
 
     if reconcile:
 

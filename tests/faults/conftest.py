@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.support import (
+    DEADLINE_SCALE,
     WorkerProcess,
     free_port,
     need,
@@ -127,6 +128,12 @@ class Cluster:
             worker.wait_ready()
         return worker
 
+    def start_terminal_worker(self, name: str) -> TerminalWorker:
+        """A worker in a pseudo-terminal of its own (see TerminalWorker), once it is ready."""
+        worker = TerminalWorker(self.env, self.tmp / f"worker-{name}.log", name=f"{name}@%h")
+        self.workers.append(worker)  # type: ignore[arg-type]
+        return worker.wait_ready()
+
     def submit(self, spec: Mapping[str, Any]) -> str:
         path = self.tmp / f"spec-{spec['name']}.json"
         path.write_text(json.dumps(spec))
@@ -201,7 +208,7 @@ class Cluster:
         except pytest.fail.Exception:
             self.dump_threads()
             pytest.fail(
-                f"timed out after {timeout:g}s waiting for {what}{detail()}"
+                f"timed out after {timeout * DEADLINE_SCALE:g}s waiting for {what}{detail()}"
                 f"{self.database_activity()}\n{self.logs()}"
             )
 
@@ -518,3 +525,76 @@ def elapsed(since: float) -> float:
 def report_recovery(what: str, seconds: float) -> None:
     """Print a recovery time (shown with pytest -s) for the lead to quote."""
     print(f"\nrecovery time: {what}: {seconds:.2f}s", flush=True)
+
+
+# -- a worker in a terminal of its own --------------------------------------------------------
+
+
+class TerminalWorker:
+    """`lrq worker` with a pseudo-terminal as its controlling terminal, as run by hand: a
+    Ctrl-C typed into the terminal reaches its foreground process group, as in a shell."""
+
+    def __init__(self, env: Mapping[str, str], log: Path, *, name: str) -> None:
+        import pty
+
+        self.log = log
+        self.handle = log.open("ab")
+        self.master, slave = pty.openpty()
+        argv = [sys.executable, "-m", "service.cli", "worker", "--queues=cpu",
+                "--concurrency=1", "--loglevel=INFO", f"--name={name}"]  # fmt: skip
+        self.process = subprocess.Popen(
+            argv,
+            env=dict(env),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            start_new_session=True,
+            preexec_fn=_take_terminal,
+        )
+        os.close(slave)
+        self.reader = threading.Thread(target=self._copy, daemon=True)
+        self.reader.start()
+
+    def _copy(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # the terminal closed: every process on it exited
+                return
+            if not chunk or self.handle.closed:
+                return
+            self.handle.write(chunk)
+            self.handle.flush()
+
+    def type_ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120) -> TerminalWorker:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                pytest.fail(f"worker exited with {self.process.returncode}:\n{self.text()[-3000:]}")
+            return " ready." in self.text()
+
+        wait_for(ready, timeout=timeout, what=f"worker ready (log {self.log})")
+        return self
+
+    def pool_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        )
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, sig)
+
+
+def _take_terminal() -> None:
+    """In the child, after setsid: make the pty on stdin the session's controlling terminal."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)

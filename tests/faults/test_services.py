@@ -20,7 +20,7 @@ from tests.faults.conftest import (
     report_recovery,
     training_spec,
 )
-from tests.support import RedisServer
+from tests.support import DEADLINE_SCALE, RedisServer
 
 pytestmark = pytest.mark.faults
 
@@ -77,7 +77,7 @@ def test_submit_with_the_broker_down_fails_clearly_and_the_job_runs_later(
             env=cluster.env,
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=60 * DEADLINE_SCALE,
             check=False,
         )
 
@@ -206,7 +206,7 @@ def test_a_worker_cut_off_inside_a_transaction_does_not_block_the_reclaim(
         env=cluster.env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60 * DEADLINE_SCALE,
         check=False,
     )
     assert reconciled.returncode == 0, reconciled.stderr

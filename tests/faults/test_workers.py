@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from service.queue import get_app, publish
 from tests.faults.conftest import KILLER, Cluster, elapsed, report_recovery, training_spec
+from tests.support import DEADLINE_SCALE, run_cli
 
 pytestmark = pytest.mark.faults
 
@@ -157,7 +161,7 @@ def test_sigterm_mid_job_loses_nothing(sqlite_cluster: Cluster, target: str) -> 
     else:
         old.kill(signal.SIGTERM)
     try:
-        old.process.wait(60)
+        old.process.wait(60 * DEADLINE_SCALE)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not exit after SIGTERM\n{cluster.logs()}")
 
@@ -165,3 +169,107 @@ def test_sigterm_mid_job_loses_nothing(sqlite_cluster: Cluster, target: str) -> 
     job = cluster.wait_finished(job_id)
     cluster.assert_as_uninterrupted(job_id, spec)
     print(f"\nSIGTERM to the {target}: attempts {job.attempts}")
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stopped_worker_hands_its_running_job_back_at_once(
+    sqlite_cluster: Cluster, stop: str
+) -> None:
+    """Ctrl-C typed in the worker's terminal, or SIGTERM to its main process (docker stop):
+    the running job checkpoints and goes back to the queue instead of being waited for."""
+    cluster = sqlite_cluster
+    spec = training_spec(f"stopped-by-{stop}", epochs=20_000, n_samples=800)
+    old = cluster.start_terminal_worker("old")
+    job_id = cluster.submit(spec)
+    cluster.wait_running(job_id, epochs=200, timeout=120)
+    if stop == "ctrl-c":
+        old.type_ctrl_c()
+    else:
+        old.process.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+
+    job = cluster.wait_job(
+        job_id, lambda j: j.state != "running", timeout=120, what="handed back by the worker"
+    )
+    report_recovery(f"{stop} -> job back in the queue", elapsed(stopped_at))
+    assert (job.state, job.worker, job.lease_expires_at) == ("queued", None, None)
+    assert 0 < job.epochs_done < spec["epochs"]
+    assert job.checkpoint["epoch"] == job.epochs_done
+    try:
+        old.process.wait(120 * DEADLINE_SCALE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not exit after {stop}\n{cluster.logs()}")
+    report_recovery(f"{stop} -> worker exited", elapsed(stopped_at))
+    (line,) = [row for row in run_cli("status").output.splitlines() if row.startswith(job_id[:12])]
+    assert " queued " in line, line
+
+    cluster.start_worker("new")
+    cluster.wait_finished(job_id, timeout=300)
+    cluster.assert_as_uninterrupted(job_id, spec)
+
+
+def test_a_second_ctrl_c_stops_the_worker_and_the_job_still_finishes(
+    sqlite_cluster: Cluster,
+) -> None:
+    cluster = sqlite_cluster
+    spec = training_spec("ctrl-c-twice", epochs=20_000, n_samples=800)
+    old = cluster.start_terminal_worker("old")
+    job_id = cluster.submit(spec)
+    cluster.wait_running(job_id, epochs=200, timeout=120)
+    old.type_ctrl_c()
+    old.type_ctrl_c()
+    try:
+        old.process.wait(120 * DEADLINE_SCALE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the worker did not exit after a second Ctrl-C\n{cluster.logs()}")
+
+    cluster.start_worker("new")
+    cluster.wait_finished(job_id, timeout=300)
+    cluster.assert_as_uninterrupted(job_id, spec)
+
+
+@contextlib.contextmanager
+def busy_cores(processes: int) -> Iterator[None]:
+    """Busy-loop processes that keep every core of the host loaded."""
+    # Each in a session of its own: with the kernel's autogroup scheduling a session shares
+    # the CPU as one, as a busy host's separate services and users would.
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(processes)
+    ]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+        for loop in loops:
+            loop.wait(30)
+
+
+def test_a_replacement_pool_process_comes_up_on_a_busy_host(sqlite_cluster: Cluster) -> None:
+    cluster = sqlite_cluster
+    worker = cluster.start_worker("a")
+    (first,) = worker.pool_pids()
+    spec = training_spec("on-a-busy-host", epochs=30, backend="torch", n_samples=400)
+    with busy_cores(4 * (os.cpu_count() or 1)):
+        os.kill(first, signal.SIGKILL)
+        job_id = cluster.submit(spec)
+        cluster.wait_finished(job_id, timeout=300)
+    cluster.assert_as_uninterrupted(job_id, spec)
+    assert "Timed out waiting for UP message" not in worker.text()
+    assert worker.process.poll() is None
+    assert first not in worker.pool_pids()
+
+
+def test_a_worker_that_stops_on_an_error_exits_non_zero(sqlite_cluster: Cluster) -> None:
+    """A supervisor restarts a worker that fails; Celery's own exit code was lost (0)."""
+    cluster = sqlite_cluster
+    broken = (sys.executable, "-m", "tests.faults.broken_consumer", "worker")
+    worker = cluster.start_worker("a", command=broken, ready=False)
+    cluster.submit(training_spec("wakes-the-consumer", epochs=10))
+    try:
+        code = worker.process.wait(120 * DEADLINE_SCALE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the broken worker did not stop\n{cluster.logs()}")
+    assert "Unrecoverable error" in worker.text()
+    assert code != 0

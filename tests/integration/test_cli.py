@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.support import (
+    DEADLINE_SCALE,
     RedisServer,
     WorkerProcess,
     epoch_losses,
@@ -77,7 +78,12 @@ def test_prefixes_and_every_output_format(lrq_env: dict[str, str], tmp_path: Pat
     with worker(lrq_env, tmp_path / "worker.log") as process:
         grid = ("--grid", f"seed={seeds}")
         submitted = run_cli(
-            "submit", SWEEP_SPEC, "--set=epochs=3", *grid, "--wait", "--timeout=120"
+            "submit",
+            SWEEP_SPEC,
+            "--set=epochs=3",
+            *grid,
+            "--wait",
+            f"--timeout={120 * DEADLINE_SCALE:g}",
         )
         assert submitted.exit_code == 0, submitted.output + process.text()[-3000:]
     lines = submitted.stdout.splitlines()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.support import (
+    DEADLINE_SCALE,
     WorkerProcess,
     epoch_losses,
     load_jobs,
@@ -68,7 +69,7 @@ def cli_process(
         env=env,
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout * DEADLINE_SCALE,
         check=False,
     )
 
@@ -170,12 +171,25 @@ def test_cancel_retry_and_wait_exit_codes(lrq_env: dict[str, str], tmp_path: Pat
         assert "only failed, diverged or cancelled jobs can be retried" in refused.stderr
 
         # --wait: 0 when every job succeeded, 1 when one diverged.
-        ok = run_cli("submit", SWEEP_SPEC, "--set", "epochs=5", "--wait", "--timeout", "60")
+        ok = run_cli(
+            "submit",
+            SWEEP_SPEC,
+            "--set",
+            "epochs=5",
+            "--wait",
+            f"--timeout={60 * DEADLINE_SCALE:g}",
+        )
         assert ok.exit_code == 0, ok.output
         assert ok.stdout.splitlines()[-1].endswith("succeeded")
         huge_lr = ("--grid", "optimizer.lr=1e-3,1e6")
         bad = run_cli(
-            "submit", SWEEP_SPEC, "--set", "epochs=20", *huge_lr, "--wait", "--timeout=60"
+            "submit",
+            SWEEP_SPEC,
+            "--set",
+            "epochs=20",
+            *huge_lr,
+            "--wait",
+            f"--timeout={60 * DEADLINE_SCALE:g}",
         )
         assert bad.exit_code == 1, bad.output
         outcomes = sorted(line.split()[1] for line in bad.stdout.splitlines()[-2:])
@@ -214,7 +228,12 @@ def test_default_setup_needs_no_server(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert f"sqlite:///{home / 'lrq.db'} at revision" in upgraded.stdout
     with worker(env, tmp_path / "worker.log") as process:
         submitted = cli_process(
-            "submit", NUMPY_SPEC, "--wait", "--timeout", "120", env=env, timeout=150
+            "submit",
+            NUMPY_SPEC,
+            "--wait",
+            f"--timeout={120 * DEADLINE_SCALE:g}",
+            env=env,
+            timeout=150,
         )
         assert submitted.returncode == 0, submitted.stderr + process.text()[-3000:]
     job_id, _name, queue = submitted.stdout.splitlines()[0].split()
