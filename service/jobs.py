@@ -8,6 +8,7 @@ workers are conditional UPDATEs fenced by ``attempts``: a worker whose claim was
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import os
 import socket
@@ -316,46 +317,86 @@ class EpochRow:
     seconds: float
 
 
-#: Epoch rows per INSERT: one multi-row statement each (5 parameters a row stays inside
-#: SQLite's and PostgreSQL's limits on a statement's parameters).
-EPOCHS_PER_STATEMENT = 1000
-
-
 def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> None:
-    """Insert or overwrite epoch rows, as multi-row statements rather than one per epoch."""
+    """Insert or overwrite epoch rows in one statement (PostgreSQL) or one executemany."""
     if not rows:
         return
     # Imported here: the PostgreSQL dialect module alone costs the CLI ~50 ms at start.
     from sqlalchemy.dialects import postgresql, sqlite
 
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     table = cast("SqlTable", Epoch.__table__)
     connection = session.connection()
-    for start in range(0, len(rows), EPOCHS_PER_STATEMENT):
-        # A Core statement with its VALUES list: an executemany (or the ORM's bulk insert)
-        # would have the server run one INSERT per epoch.
-        stmt = insert(table).values(
-            [
-                {
-                    "job_id": job_id,
-                    "epoch": r.epoch,
-                    "train_loss": r.train_loss,
-                    "test_loss": r.test_loss,
-                    "seconds": r.seconds,
-                }
-                for r in rows[start : start + EPOCHS_PER_STATEMENT]
-            ]
+    if connection.dialect.name == "postgresql":
+        # Five arrays, one INSERT ... SELECT unnest(...): the server runs one statement for
+        # the whole batch, and the statement's text (so its compiled form) never changes.
+        stmt: Any = postgresql.insert(table).from_select(
+            ["job_id", "epoch", "train_loss", "test_loss", "seconds"], _unnest_epochs()
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[table.c.job_id, table.c.epoch],
-            set_={
-                "train_loss": stmt.excluded.train_loss,
-                "test_loss": stmt.excluded.test_loss,
-                "seconds": stmt.excluded.seconds,
-            },
-        )
-        connection.execute(stmt)
+        parameters: Any = {
+            "job_id": job_id,
+            "epochs": "{" + ",".join(str(int(r.epoch)) for r in rows) + "}",
+            "train_losses": _float_array([r.train_loss for r in rows]),
+            "test_losses": _float_array([r.test_loss for r in rows]),
+            "seconds": _float_array([r.seconds for r in rows]),
+        }
+    else:
+        # SQLite runs in this process: an executemany is one prepared statement in a C loop.
+        stmt = sqlite.insert(table)
+        parameters = [
+            {
+                "job_id": job_id,
+                "epoch": r.epoch,
+                "train_loss": r.train_loss,
+                "test_loss": r.test_loss,
+                "seconds": r.seconds,
+            }
+            for r in rows
+        ]
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.job_id, table.c.epoch],
+        set_={
+            "train_loss": stmt.excluded.train_loss,
+            "test_loss": stmt.excluded.test_loss,
+            "seconds": stmt.excluded.seconds,
+        },
+    )
+    connection.execute(stmt, parameters)
+
+
+#: PostgreSQL's spelling of the floats Python's repr writes differently.
+_PG_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _float_text(value: float | None) -> str:
+    if value is None:
+        return "NULL"
+    text = repr(float(value))
+    return _PG_FLOATS.get(text, text)
+
+
+def _float_array(values: Sequence[float | None]) -> str:
+    """A float8[] literal: repr round-trips a float exactly, and the server parses text
+    faster than the driver adapts a list element by element."""
+    return "{" + ",".join(map(_float_text, values)) + "}"
+
+
+@functools.cache
+def _unnest_epochs() -> Any:
+    """SELECT :job_id, unnest(:epochs::int[]), ...: the arrays bound as array literals."""
+    from sqlalchemy import Float, Integer, String, bindparam
+    from sqlalchemy import cast as sql_cast
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    def column(name: str, kind: Any) -> Any:
+        return func.unnest(sql_cast(bindparam(name, type_=String), ARRAY(kind)))
+
+    return select(
+        sql_cast(bindparam("job_id", type_=String), String),
+        column("epochs", Integer),
+        column("train_losses", Float),
+        column("test_losses", Float),
+        column("seconds", Float),
+    )
 
 
 class LeaseLostError(StateError):
