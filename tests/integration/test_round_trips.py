@@ -172,3 +172,36 @@ def test_a_batch_of_epochs_is_one_insert_statement(
     assert stored[:1997] + stored[2000:] == [r.test_loss for r in rows[:1997] + rows[2000:]]
     assert stored[1997:1999] == [math.inf, -math.inf]
     assert stored[1999] is None if math.isnan(odd[2]) else stored[1999] == odd[2]
+
+
+def test_the_results_frame_from_rows_equals_the_one_from_jobs(database_url: str) -> None:
+    import pandas as pd
+    from sqlalchemy import update
+
+    from service import db, jobs
+    from service.models import Job
+    from service.spec import JobSpec
+
+    specs = [JobSpec.model_validate({**small_spec(), "seed": seed}) for seed in range(30)]
+    with db.transaction(database_url) as session:
+        made = jobs.create_jobs(specs, session=session, max_attempts=2)
+        ids = [job.id for job in made]
+        expected: dict[str, float | None] = dict.fromkeys(ids)
+        for i, job_id in enumerate(ids[::2]):
+            expected[job_id] = 1.0 / (i + 1)
+            summary = {"train_loss": 1.0 / (i + 1), "weights": [i, 2.0], "device": "cpu"}
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(state="succeeded", result=summary, epochs_done=3, attempts=1)
+            )
+    with db.transaction(database_url) as session:
+        from_rows = jobs.results_frame_of(list(reversed(ids)), session=session)
+        found = jobs.find_jobs(session=session, ids=ids)
+        from_jobs = jobs.results_frame(found)
+    assert from_rows["id"].tolist() == [j.id for j in found]  # oldest first, as find_jobs
+    assert sorted(from_rows["spec.seed"].tolist()) == list(range(30))
+    losses = [None if math.isnan(v) else v for v in from_rows["train_loss"].tolist()]
+    assert losses == [expected[j.id] for j in found]
+    assert from_rows["state"].value_counts().to_dict() == {"succeeded": 15, "queued": 15}
+    pd.testing.assert_frame_equal(from_rows, from_jobs)
