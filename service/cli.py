@@ -16,10 +16,14 @@ from typing import Any, NoReturn
 import click
 
 from service import db, jobs
-from service.errors import InputError, LrqError
+from service.errors import InputError, LrqError, StateError
 from service.settings import Settings, get_settings
 
 FORMATS = click.Choice(["table", "json", "csv"])
+
+
+#: The exit code shells give a command that SIGINT (Ctrl-C) ended.
+INTERRUPTED = 130
 
 
 class LrqGroup(click.Group):
@@ -30,6 +34,10 @@ class LrqGroup(click.Group):
 
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Not click's "Aborted!" with exit 1: a script must tell Ctrl-C from a failure.
+            click.echo("interrupted", err=True)
+            ctx.exit(INTERRUPTED)
         except LrqError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
@@ -39,6 +47,29 @@ class LrqGroup(click.Group):
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
             click.echo(f"error: database {url}: {reason}", err=True)
             ctx.exit(1)
+
+
+def _output_path(output: str, suffixes: Sequence[str] | None = None) -> Path:
+    """An -o file lrq can write: its directory exists and, if asked, its suffix is known."""
+    path = Path(output)
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise InputError(
+            f"-o {output}: unsupported format {path.suffix or '(none)'!r}; "
+            f"use {', '.join(suffixes)}"
+        )
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"-o {output}: no directory {str(folder.absolute())!r}")
+    if path.is_dir():
+        raise InputError(f"-o {output}: is a directory")
+    return path
+
+
+def _write_output(path: Path, write: Callable[[Path], object]) -> None:
+    try:
+        write(path)
+    except OSError as exc:
+        raise InputError(f"-o {path}: cannot write ({exc.strerror})") from None
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -143,7 +174,7 @@ def run(spec_file: str, overrides: tuple[str, ...], as_json: bool) -> None:
     if job.data.dataset is not None:
         raise InputError("data.dataset: `lrq run` trains files or synthetic data; use submit")
     spec.check_limits(job, settings)
-    table = load_spec_table(job, settings)
+    table = load_spec_table(job, settings, spec_dir=spec.spec_directory(spec_file))
     if table is not None:
         spec.check_limits(job, settings, rows=len(table.y), features=len(table.columns))
     data = build_train_data(job, table=table)
@@ -244,6 +275,7 @@ def submit(
             settings=settings,
             session=session,
             gpu_live=lambda: gpu_worker_live(_app()),
+            spec_dir=spec.spec_directory(spec_file),
         )
         pairs = [(job.id, job.queue) for job in submission.jobs]
     ids = [job_id for job_id, _ in pairs]
@@ -379,6 +411,7 @@ def results(
     """Results of jobs: weights, bias, losses, optimum gap, timings; or their histories."""
     if not refs and not sweep:
         raise InputError("IDS: give job ids (or prefixes), or --sweep")
+    target = _output_path(output) if output else None
     url = _url()
     found = _select(refs, None, sweep, None, url)
     if compare:
@@ -412,8 +445,8 @@ def results(
         with db.transaction(url) as session:
             frame = jobs.history_frame([found[0].id], session=session)
         text += "\n" + loss_line(found[0].id, [float(v) for v in frame["train_loss"]])
-    if output:
-        Path(output).write_text(text + "\n")
+    if target is not None:
+        _write_output(target, lambda path: path.write_text(text + "\n"))
         click.echo(f"wrote {len(rows)} rows to {output}", err=True)
     else:
         click.echo(text)
@@ -496,7 +529,11 @@ def retry(refs: tuple[str, ...]) -> None:
     settings = _settings()
     url = _url()
     with db.transaction(url) as session:
-        again = jobs.retry_jobs(jobs.resolve_ids(refs, session=session), session=session)
+        ids = jobs.resolve_ids(refs, session=session)
+        try:
+            again = jobs.retry_jobs(ids, session=session)
+        except StateError as exc:
+            raise InputError(str(exc)) from None  # asking to retry a finished job is bad input
         pairs = [(j.id, j.queue) for j in again]
     dispatch.publish_jobs(_app(), settings, pairs)
     for job_id, _ in pairs:
@@ -600,21 +637,27 @@ def datasets() -> None:
 @click.option("--name", default=None, help="A name to refer to it by (default the file name).")
 def datasets_add(file: str, target: str, features: str | None, name: str | None) -> None:
     """Register a CSV or Parquet file (content-addressed: the same content is stored once)."""
-    from service.datasets import read_table, safe_path
+    from service.datasets import check_label, read_table, safe_path, split_features
 
     settings = _settings()
+    check_label(target, "--target")
+    chosen = split_features(features) if features is not None else None
+    if name is not None:
+        check_label(name, "--name")
     url = _url()
     path = safe_path(file, settings.resolved_data_dir())
+    if name is None:
+        name = check_label(path.name, "the file name (the default --name)")
     table = read_table(
         path,
         target=target,
-        features=[f.strip() for f in features.split(",")] if features else None,
+        features=chosen,
         max_bytes=settings.max_dataset_bytes,
         max_rows=settings.max_rows,
         max_features=settings.max_features,
     )
     with db.transaction(url) as session:
-        dataset = jobs.register_dataset(table, name=name or path.name, session=session)
+        dataset = jobs.register_dataset(table, name=name, session=session)
         click.echo(
             f"{dataset.id}  {dataset.name}  {dataset.n_rows} rows  {len(dataset.features)} features"
         )
@@ -712,6 +755,10 @@ def info() -> None:
         click.echo(f"queues    unavailable: {type(exc).__name__}")
 
 
+#: Image formats `lrq plot -o` writes (matplotlib picks the format from the suffix).
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
 @main.command()
 @click.argument("refs", nargs=-1, metavar="IDS...")
 @click.option("--sweep", default=None, help="Every job of a sweep, coloured by what it varies.")
@@ -748,8 +795,9 @@ def plot(
         raise InputError("IDS: give job ids (or prefixes), or --sweep")
     if test and y_axis == "gap":
         raise InputError("--test: only with --y loss (the optimum is the training rows')")
+    target = None
     if not terminal:
-        plots.file_format(output)
+        target = _output_path(output, PLOT_FORMATS)
         try:
             import matplotlib  # noqa: F401
         except ImportError:
@@ -788,8 +836,9 @@ def plot(
             )
         )
         return
+    assert target is not None
     fig = plots.figure(lines, varied=varied, log=log_scale, y=y_axis, test=test, title=title)
-    plots.save(fig, output)
+    _write_output(target, lambda path: plots.save(fig, str(path)))
     click.echo(f"wrote {output} ({len(lines)} curves)")
 
 

@@ -54,16 +54,20 @@ class Table:
 # -- finding a file -------------------------------------------------------------------------
 
 
-def safe_path(path: str | Path, data_dir: Path) -> Path:
-    """The regular file ``path`` names inside ``data_dir``, refusing anything that could escape."""
+def safe_path(path: str | Path, data_dir: Path, *, base: Path | None = None) -> Path:
+    """The regular file ``path`` names inside ``data_dir``, refusing anything that could escape.
+
+    A relative path is taken from ``base`` (a spec file's directory), else from ``data_dir``.
+    """
     shown = str(path)
     given = Path(path)
     if ".." in given.parts:
         raise DataError(f"data.path {shown!r}: '..' is not allowed")
     root = data_dir.resolve()
-    candidate = given if given.is_absolute() else root / given
+    candidate = given if given.is_absolute() else (base or root) / given
+    tried = str(candidate)
     if not candidate.is_relative_to(root):
-        raise DataError(f"data.path {shown!r}: outside the data directory {str(root)!r}")
+        raise DataError(f"data.path {shown!r}: {tried} is outside the data directory {str(root)!r}")
     # Walk down from the root with lstat so that no link, at any depth, is followed.
     current = root
     for part in candidate.relative_to(root).parts:
@@ -71,17 +75,17 @@ def safe_path(path: str | Path, data_dir: Path) -> Path:
         try:
             info = current.lstat()
         except FileNotFoundError:
-            raise DataError(f"data.path {shown!r}: no such file") from None
+            raise DataError(f"data.path {shown!r}: no such file (looked for {tried})") from None
         except OSError as exc:
-            raise DataError(f"data.path {shown!r}: cannot read ({exc.strerror})") from None
+            raise DataError(f"data.path {shown!r}: cannot read {tried} ({exc.strerror})") from None
         except ValueError:
             raise DataError(f"data.path {shown!r}: not a valid file name") from None
         if stat.S_ISLNK(info.st_mode):
-            raise DataError(f"data.path {shown!r}: symbolic links are not allowed")
+            raise DataError(f"data.path {shown!r}: symbolic links are not allowed ({current})")
     if current == root or not stat.S_ISREG(current.lstat().st_mode):
-        raise DataError(f"data.path {shown!r}: not a regular file")
+        raise DataError(f"data.path {shown!r}: not a regular file ({tried})")
     if not current.resolve().is_relative_to(root):
-        raise DataError(f"data.path {shown!r}: outside the data directory {str(root)!r}")
+        raise DataError(f"data.path {shown!r}: {tried} is outside the data directory {str(root)!r}")
     return current
 
 
@@ -97,6 +101,13 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise DataError(f"{path.name}: not a regular file")
+        # A second name for the file may be a hard link made to a file outside the data
+        # directory, which no walk of this path can tell: only single-named files are read.
+        if info.st_nlink > 1:
+            raise DataError(
+                f"{path}: a file with {info.st_nlink} hard links is not read; "
+                "copy it into the data directory"
+            )
         if info.st_size > max_bytes:
             raise LimitError(
                 f"{path.name}: {info.st_size} bytes, more than the limit of {max_bytes} "
@@ -107,6 +118,30 @@ def _read_bytes(path: Path, max_bytes: int) -> bytes:
     if len(raw) > max_bytes:
         raise LimitError(f"{path.name}: more than the limit of {max_bytes} bytes")
     return raw
+
+
+def check_label(value: str, field: str) -> str:
+    """A dataset name, target or feature the database can store, or DataError naming the field."""
+    from service.spec import MAX_NAME_LENGTH, text_problem
+
+    problem = text_problem(value)
+    if problem is None and not value:
+        problem = "must not be empty"
+    if problem is None and len(value) > MAX_NAME_LENGTH:
+        problem = f"{len(value)} characters, more than {MAX_NAME_LENGTH}"
+    if problem is not None:
+        shown = f"{value!a}" if len(value) <= 40 else f"{value[:37]!a}..."
+        raise DataError(f"{field} {shown}: {problem}")
+    return value
+
+
+def split_features(text: str, field: str = "--features") -> list[str]:
+    """Comma-separated feature names, each storable and none repeated."""
+    names = [check_label(name.strip(), field) for name in text.split(",")]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise DataError(f"{field}: {name!r} is given twice")
+    return names
 
 
 # -- reading a table ------------------------------------------------------------------------
@@ -193,6 +228,10 @@ class _Reader:
             chosen = list(self.features)
         if not chosen:
             raise DataError(f"{self.name}: no feature columns besides the target {self.target!r}")
+        if len(set(chosen)) != len(chosen):
+            raise DataError(f"{self.name}: a feature column is named twice")
+        for column in [self.target, *chosen]:
+            check_label(column, f"{self.name}: column")
         if len(chosen) > self.max_features:
             raise LimitError(
                 f"{self.name}: {len(chosen)} feature columns, more than the limit of "

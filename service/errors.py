@@ -13,6 +13,10 @@ class InputError(LrqError):
     exit_code = 2
 
 
+class SettingsError(InputError):
+    """Raised when an LRQ_* environment variable is refused; the message names the variable."""
+
+
 class SpecError(InputError):
     """Raised when a job spec is invalid; the message names the field."""
 

@@ -7,26 +7,101 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
+from urllib.parse import urlsplit
 
 import platformdirs
 
-from service.errors import InputError
+from service.errors import SettingsError
 
 #: Where the default SQLite database and serverless broker live.
 DEFAULT_HOME = Path(platformdirs.user_data_dir("lrq", appauthor=False))
+#: The password .env.example once shipped: a stack started with it has a published password.
+PLACEHOLDER_PASSWORDS = frozenset({"change-me"})
+#: Database URL schemes people write, and the SQLAlchemy driver lrq uses for each.
+DATABASE_DRIVERS = {
+    "postgres": "postgresql+psycopg",
+    "postgresql": "postgresql+psycopg",
+    "postgres+psycopg": "postgresql+psycopg",
+    "postgresql+psycopg": "postgresql+psycopg",
+    "sqlite": "sqlite",
+    "sqlite+pysqlite": "sqlite",
+}
+BROKER_SCHEMES = ("redis", "rediss", "filesystem")
+DATABASE_EXAMPLE = "postgresql+psycopg://USER:PASSWORD@HOST:5432/DB or sqlite:///PATH"
+#: Fields whose values may hold a password: their errors never echo the value.
+_SECRET_FIELDS = frozenset({"database_url", "broker_url"})
 
 
-class SettingsError(InputError):
-    """Raised when an LRQ_* variable (or a settings override) is not a valid value."""
+def _refuse_placeholder(password: str | None) -> None:
+    if password in PLACEHOLDER_PASSWORDS:
+        raise ValueError(
+            f"the password is the placeholder {password!r}: set a real one "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
+
+
+def normalize_database_url(url: str) -> str:
+    """The URL with lrq's driver (``postgres://`` becomes ``postgresql+psycopg``), or ValueError."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"not a database URL; expected {DATABASE_EXAMPLE}") from None
+    driver = DATABASE_DRIVERS.get(parsed.drivername.lower())
+    if driver is None:
+        raise ValueError(
+            f"{parsed.drivername!r} databases are not supported; expected {DATABASE_EXAMPLE}"
+        )
+    _refuse_placeholder(parsed.password)
+    if driver == parsed.drivername:
+        return url
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def check_broker_url(url: str) -> str:
+    """The URL if lrq can use it (redis, rediss or filesystem), else ValueError."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("not a broker URL; expected redis://[:PASSWORD@]HOST:6379/0") from None
+    if parts.scheme.lower() not in BROKER_SCHEMES:
+        scheme = parts.scheme or url.partition(":")[0]
+        raise ValueError(
+            f"{scheme!r} brokers are not supported; use redis://, rediss:// or filesystem://"
+        )
+    _refuse_placeholder(password)
+    return url
+
+
+class _WrongType(ValueError):
+    """A value of the wrong kind; the message gets the value appended (unless secret)."""
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise _WrongType("input should be a valid integer") from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise _WrongType("input should be a valid number") from None
 
 
 def _boolean(text: str) -> bool:
     lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
+    if lowered in ("1", "true", "yes", "on", "t", "y"):
         return True
-    if lowered in ("0", "false", "no", "off"):
+    if lowered in ("0", "false", "no", "off", "f", "n"):
         return False
-    raise ValueError("not a boolean (true/false, 1/0, yes/no, on/off)")
+    raise _WrongType("input should be a valid boolean")
 
 
 def _optional_path(text: str) -> Path | None:
@@ -35,8 +110,16 @@ def _optional_path(text: str) -> Path | None:
 
 def _log_format(text: str) -> str:
     if text not in ("text", "json"):
-        raise ValueError("must be text or json")
+        raise _WrongType("input should be 'text' or 'json'")
     return text
+
+
+def _database_url(text: str) -> str:
+    return normalize_database_url(text) if text else text
+
+
+def _broker_url(text: str) -> str:
+    return check_broker_url(text) if text else text
 
 
 #: name -> (parser of a text value, default, lower bound, whether the bound is exclusive).
@@ -44,30 +127,30 @@ def _log_format(text: str) -> str:
 #: pydantic-settings alone took longer to import than click.
 _FIELDS: dict[str, tuple[Callable[[str], Any], Any, float | None, bool]] = {
     "home": (Path, DEFAULT_HOME, None, False),
-    "database_url": (str, "", None, False),
-    "broker_url": (str, "", None, False),
+    "database_url": (_database_url, "", None, False),
+    "broker_url": (_broker_url, "", None, False),
     "broker_ca_file": (str, "", None, False),
-    "broker_timeout": (float, 5.0, 0, True),
-    "db_connect_timeout": (float, 10.0, 0, True),
-    "db_statement_timeout": (float, 300.0, 0, True),
+    "broker_timeout": (_number, 5.0, 0, True),
+    "db_connect_timeout": (_number, 10.0, 0, True),
+    "db_statement_timeout": (_number, 300.0, 0, True),
     "data_dir": (_optional_path, None, None, False),
-    "max_rows": (int, 10_000_000, 0, True),
-    "max_features": (int, 10_000, 0, True),
-    "max_epochs": (int, 1_000_000, 0, True),
-    "max_row_epochs": (int, 50_000_000_000, 0, True),
-    "max_steps": (int, 100_000_000, 0, True),
-    "max_dataset_bytes": (int, 512 * 1024 * 1024, 0, True),
-    "max_grid_points": (int, 10_000, 0, True),
-    "lease_seconds": (float, 60.0, 0, True),
-    "max_attempts": (int, 3, 0, True),
-    "soft_time_limit": (float, 3 * 3600.0, 0, True),
-    "time_limit": (float, 3 * 3600.0 + 60.0, 0, True),
-    "visibility_timeout": (float, 6 * 3600.0, 0, True),
-    "record_every_epochs": (int, 50, 0, True),
-    "record_every_seconds": (float, 2.0, 0, True),
-    "torch_threads": (int, 0, 0, False),
-    "reconcile_interval": (float, 30.0, 0, True),
-    "auto_gpu_min_batch_elements": (int, 1_000_000, 0, True),
+    "max_rows": (_integer, 10_000_000, 0, True),
+    "max_features": (_integer, 10_000, 0, True),
+    "max_epochs": (_integer, 1_000_000, 0, True),
+    "max_row_epochs": (_integer, 50_000_000_000, 0, True),
+    "max_steps": (_integer, 100_000_000, 0, True),
+    "max_dataset_bytes": (_integer, 512 * 1024 * 1024, 0, True),
+    "max_grid_points": (_integer, 10_000, 0, True),
+    "lease_seconds": (_number, 60.0, 0, True),
+    "max_attempts": (_integer, 3, 0, True),
+    "soft_time_limit": (_number, 3 * 3600.0, 0, True),
+    "time_limit": (_number, 3 * 3600.0 + 60.0, 0, True),
+    "visibility_timeout": (_number, 6 * 3600.0, 0, True),
+    "record_every_epochs": (_integer, 50, 0, True),
+    "record_every_seconds": (_number, 2.0, 0, True),
+    "torch_threads": (_integer, 0, 0, False),
+    "reconcile_interval": (_number, 30.0, 0, True),
+    "auto_gpu_min_batch_elements": (_integer, 1_000_000, 0, True),
     "task_events": (_boolean, True, None, False),
     "log_format": (_log_format, "text", None, False),
 }
@@ -79,31 +162,44 @@ def _convert(parse: Callable[[str], Any], raw: Any) -> Any:
         return parse(raw)
     if parse is _boolean:
         if not isinstance(raw, bool):
-            raise ValueError("not a boolean")
+            raise _WrongType("input should be a valid boolean")
         return raw
-    if parse is int or parse is float:
+    if parse is _integer or parse is _number:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise ValueError("not a number")
-        if parse is int and raw != int(raw):
-            raise ValueError("not a whole number")
-        return parse(raw)
+            raise _WrongType(
+                f"input should be a valid {'integer' if parse is _integer else 'number'}"
+            )
+        if parse is _integer and raw != int(raw):
+            raise _WrongType("input should be a valid integer")
+        return int(raw) if parse is _integer else float(raw)
     if parse is _optional_path:
         return None if raw is None else Path(raw)
-    return parse(raw)
+    if parse is Path:
+        return Path(raw)
+    raise _WrongType("input should be a valid string")
 
 
-def _checked(name: str, raw: Any) -> Any:
-    """A field's valid value, or SettingsError naming the variable."""
+def _problem(name: str, raw: Any) -> tuple[Any, str | None]:
+    """A field's valid value, or the reason it is refused (naming the variable)."""
     parse, _, bound, strict = _FIELDS[name]
     label = f"LRQ_{name.upper()}"
+    # A refused URL may hold a password: its value is never repeated.
+    shown = "" if name in _SECRET_FIELDS else f", got {_short(raw)}"
     try:
         value = _convert(parse, raw)
-    except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{label}: {raw!r} is not valid: {exc}") from None
+    except _WrongType as exc:
+        return None, f"{label}: {exc}{shown}"
+    except ValueError as exc:
+        return None, f"{label}: {exc}"
     if bound is not None and (value <= bound if strict else value < bound):
-        relation = ">" if strict else ">="
-        raise SettingsError(f"{label}: must be {relation} {bound:g}, got {raw!r}")
-    return value
+        relation = "greater than" if strict else "greater than or equal to"
+        return None, f"{label}: input should be {relation} {bound:g}{shown}"
+    return value, None
+
+
+def _short(raw: Any) -> str:
+    text = repr(raw)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class FieldDefault(NamedTuple):
@@ -177,12 +273,18 @@ class Settings:
         environment = {
             key.upper(): value for key, value in os.environ.items() if key[:4].upper() == "LRQ_"
         }
+        problems = []
         for name, (_, default, _, _) in _FIELDS.items():
             if name in overrides:
                 raw = overrides[name]
             else:
                 raw = environment.get(f"LRQ_{name.upper()}", default)
-            setattr(self, name, raw if raw is default else _checked(name, raw))
+            value, problem = (raw, None) if raw is default else _problem(name, raw)
+            if problem is not None:
+                problems.append(problem)
+            setattr(self, name, value)
+        if problems:
+            raise SettingsError("; ".join(problems))
 
     def model_copy(self, *, update: dict[str, Any] | None = None) -> Settings:
         """A copy with some fields replaced (validated like the environment's)."""
@@ -211,5 +313,5 @@ class Settings:
 
 @functools.cache
 def get_settings() -> Settings:
-    """The settings, read once per process."""
+    """The settings, read once per process; SettingsError names a refused variable."""
     return Settings()

@@ -7,13 +7,16 @@ import datetime as dt
 import itertools
 import json
 import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -42,9 +45,45 @@ def _refuse_bool(value: Any) -> Any:
     return value
 
 
+#: The length of the name, target and queue-free text columns (service/models.py: String(200)).
+MAX_NAME_LENGTH = 200
+
+
+def text_problem(value: str) -> str | None:
+    """Why a database cannot store this text (a NUL, a lone surrogate), or None."""
+    if "\x00" in value:
+        return "must not contain a NUL character"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid UTF-8 text (character {exc.start + 1})"
+    return None
+
+
+def check_storable_text(value: str) -> str:
+    """The text, if a database can store it, else ValueError."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
 Float = Annotated[float, BeforeValidator(_refuse_bool)]
 Int = Annotated[int, BeforeValidator(_refuse_bool)]
-Name = Annotated[str, Field(min_length=1, max_length=200)]
+#: Text stored in a String(200) column (names, targets, features).
+Name = Annotated[
+    str, Field(min_length=1, max_length=MAX_NAME_LENGTH), AfterValidator(check_storable_text)
+]
+Tag = Annotated[str, Field(max_length=MAX_NAME_LENGTH), AfterValidator(check_storable_text)]
+#: Synthetic data past this size overflows a float32 sum of squares, or the data itself.
+MAX_SYNTHETIC_MAGNITUDE = 1e9
+Magnitude = Annotated[
+    float,
+    BeforeValidator(_refuse_bool),
+    Field(ge=-MAX_SYNTHETIC_MAGNITUDE, le=MAX_SYNTHETIC_MAGNITUDE),
+]
+#: A test loss every this many epochs at most (it is also taken at the last epoch).
+MAX_EVAL_EVERY = 1_000_000_000
 
 
 class _Strict(BaseModel):
@@ -56,9 +95,9 @@ class SyntheticData(_Strict):
 
     n_samples: Int = Field(1000, gt=1)
     n_features: Int = Field(3, gt=0)
-    coefficients: list[Float] | None = None
-    intercept: Float = 0.0
-    noise_std: Float = Field(0.0, ge=0)
+    coefficients: list[Magnitude] | None = None
+    intercept: Magnitude = 0.0
+    noise_std: Float = Field(0.0, ge=0, le=MAX_SYNTHETIC_MAGNITUDE)
     generator: Literal["numpy", "torch"] = "numpy"
     seed: Int = Field(0, ge=0, lt=2**32)
 
@@ -178,7 +217,7 @@ class JobSpec(_Strict):
     """One training run."""
 
     name: Name = "job"
-    tags: list[Annotated[str, Field(max_length=200)]] = Field(default_factory=list, max_length=50)
+    tags: list[Tag] = Field(default_factory=list, max_length=50)
     data: DataSpec
     backend: Literal["torch", "numpy"] = "torch"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -190,7 +229,7 @@ class JobSpec(_Strict):
     shuffle: bool = True
     seed: Int = Field(0, ge=0, lt=2**32)
     dtype: Literal["float32", "float64"] = "float32"
-    eval_every: Int = Field(1, gt=0)
+    eval_every: Int = Field(1, gt=0, le=MAX_EVAL_EVERY)
     #: ``fused``: the fast paths; ``loop``: the reference loops; ``auto``: fused where it can.
     engine: Literal["auto", "fused", "loop"] = "auto"
 
@@ -356,6 +395,39 @@ def _check_shape(value: Any, source: str) -> None:
         raise SpecError(f"{source}: nested too deeply")
 
 
+_NOT_JSON = object()
+_SURROGATE_PAIR = re.compile("[\ud800-\udbff][\udc00-\udfff]")
+
+
+def _parse_json(text: str, source: str) -> Any:
+    """A JSON document parsed as JSON (its ``\\ud83d\\ude00`` escapes joined), or _NOT_JSON."""
+    if not text.lstrip().startswith("{"):
+        return _NOT_JSON
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _NOT_JSON  # YAML's flow mappings start with "{" too, and give better messages
+    except RecursionError:
+        raise SpecError(f"{source}: nested too deeply") from None
+
+
+def _join_pairs(text: str) -> str:
+    return _SURROGATE_PAIR.sub(
+        lambda pair: pair.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), text
+    )
+
+
+def _join_surrogate_pairs(value: Any) -> Any:
+    """YAML's ``"\\ud83d\\ude00"`` is two halves of one character (PyYAML keeps them apart)."""
+    if isinstance(value, str):
+        return _join_pairs(value)
+    if isinstance(value, dict):
+        return {_join_surrogate_pairs(k): _join_surrogate_pairs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join_surrogate_pairs(item) for item in value]
+    return value
+
+
 def parse_document(raw: bytes, source: str = "spec") -> dict[str, Any]:
     """Decode a YAML or JSON document into a mapping, refusing what is not one."""
     if len(raw) > MAX_SPEC_BYTES:
@@ -366,31 +438,64 @@ def parse_document(raw: bytes, source: str = "spec") -> dict[str, Any]:
         raise SpecError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     if not text.strip():
         raise SpecError(f"{source}: empty")
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{source}: not valid YAML or JSON{where}") from None
-    except RecursionError:
-        raise SpecError(f"{source}: nested too deeply") from None
+    document = _parse_json(text, source)
+    if document is _NOT_JSON:
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise SpecError(f"{source}: not valid YAML or JSON{where}") from None
+        except RecursionError:
+            raise SpecError(f"{source}: nested too deeply") from None
     if not isinstance(document, dict):
         raise SpecError(f"{source}: must be a mapping of fields, got {type(document).__name__}")
     _check_shape(document, source)
-    for key in document:
+    # After the shape check: walking an alias bomb would never finish.
+    joined: dict[str, Any] = _join_surrogate_pairs(document)
+    for key in joined:
         if not isinstance(key, str):
             raise SpecError(f"{source}: field names must be strings, got {key!r}")
-    return document
+    return joined
+
+
+def read_spec_file(path: str | Path) -> bytes:
+    """A spec file's bytes, at most MAX_SPEC_BYTES of them, refusing what is not a regular file."""
+    path = Path(path)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat then refuses it.
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError:
+        raise SpecError(f"{path}: not a valid file name") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        what = "cannot read (Is a directory)" if stat.S_ISDIR(mode) else "not a regular file"
+        raise SpecError(f"{path}: {what}")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            # One byte past the limit tells a file that is too large, however large it is.
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+        except OSError as exc:
+            raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: larger than {MAX_SPEC_BYTES} bytes")
+    return raw
 
 
 def load_document(path: str | Path) -> dict[str, Any]:
     """Read a spec file (YAML or JSON)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read ({exc.strerror})") from None
-    return parse_document(raw, str(path))
+    return parse_document(read_spec_file(path), str(path))
+
+
+def spec_directory(path: str | Path) -> Path:
+    """The directory a spec file's relative ``data.path`` is taken from: the file's own."""
+    # The directory's links are resolved (so the data directory check sees the real path);
+    # the spec file itself may be a link placed anywhere.
+    return Path(path).absolute().parent.resolve()
 
 
 def parse_value(text: str) -> Any:

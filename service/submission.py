@@ -15,6 +15,17 @@ from service.models import Dataset, Job
 from service.routing import AutoRouter
 from service.settings import Settings
 
+#: The length of the jobs.queue column (service/models.py).
+MAX_QUEUE_LENGTH = 64
+
+
+def check_queue_name(queue: str) -> None:
+    """Refuse a --queue the broker or the database could not take."""
+    if len(queue) > MAX_QUEUE_LENGTH:
+        raise InputError(f"--queue: {len(queue)} characters, more than {MAX_QUEUE_LENGTH}")
+    if not queue.isascii() or not queue.replace("-", "").replace("_", "").isalnum():
+        raise InputError(f"--queue: {queue!a} is not a queue name (letters, digits, - and _)")
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -28,6 +39,7 @@ def _resolve_data(
     session: Session,
     settings: Settings,
     registered: dict[tuple[str, str | None, tuple[str, ...] | None], Dataset],
+    spec_dir: Path | None,
 ) -> spec.JobSpec:
     """The spec with its data pinned to a registered dataset (files are registered here)."""
     data = job.data
@@ -41,7 +53,7 @@ def _resolve_data(
         key = (data.path, data.target, tuple(data.features) if data.features else None)
         dataset = registered.get(key)
         if dataset is None:
-            path = datasets.safe_path(data.path, settings.resolved_data_dir())
+            path = datasets.safe_path(data.path, settings.resolved_data_dir(), base=spec_dir)
             table = datasets.read_table(
                 path,
                 target=data.target or "",
@@ -109,18 +121,23 @@ def submit(
     settings: Settings,
     session: Session,
     gpu_live: Callable[[], bool] | None = None,
+    spec_dir: Path | None = None,
 ) -> Submission:
     """Validate everything, register data files, then insert the jobs (not yet published).
 
     ``gpu_live`` says whether a GPU worker is up; with it, ``device: auto`` jobs large enough
-    to gain from a GPU go to the gpu queue."""
+    to gain from a GPU go to the gpu queue. A relative ``data.path`` is taken from
+    ``spec_dir``, the spec file's directory."""
     document = spec.apply_overrides(document, overrides)
     specs = spec.expand(document, grid, max_points=settings.max_grid_points)
-    if queue is not None and not queue.replace("-", "").replace("_", "").isalnum():
-        raise InputError(f"--queue: {queue!r} is not a queue name")
+    if queue is not None:
+        check_queue_name(queue)
     registered: dict[tuple[str, str | None, tuple[str, ...] | None], Dataset] = {}
     pinned = [
-        _resolve_data(s, session=session, settings=settings, registered=registered) for s in specs
+        _resolve_data(
+            s, session=session, settings=settings, registered=registered, spec_dir=spec_dir
+        )
+        for s in specs
     ]
     created = jobs.create_jobs(
         pinned,

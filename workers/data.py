@@ -18,6 +18,8 @@ data's seed + 1 (mod 2**32) when none is given.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 
@@ -131,8 +133,10 @@ def _with_split(
     return TrainData(x[train], y[train], x[held], y[held], true_weights=truth, true_bias=true_bias)
 
 
-def load_spec_table(spec: JobSpec, settings: Settings) -> Table | None:
-    """The table a spec's ``data.path`` names; None for synthetic data or a registered dataset."""
+def load_spec_table(
+    spec: JobSpec, settings: Settings, *, spec_dir: Path | None = None
+) -> Table | None:
+    """The table a spec's ``data.path`` names (relative to ``spec_dir``); None for other data."""
     path = spec.data.path
     if path is None:
         return None
@@ -140,7 +144,7 @@ def load_spec_table(spec: JobSpec, settings: Settings) -> Table | None:
     if target is None:
         raise DataError("data.target: required with data.path")
     return read_table(
-        safe_path(path, settings.resolved_data_dir()),
+        safe_path(path, settings.resolved_data_dir(), base=spec_dir),
         target=target,
         features=spec.data.features,
         max_bytes=settings.max_dataset_bytes,

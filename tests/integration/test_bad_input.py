@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import string
 from collections.abc import Callable, Iterator
@@ -93,6 +94,13 @@ def outside_file(_data: Path, outside: Path) -> str:
     return str(outside / "secret.csv")
 
 
+def hard_link(data: Path, outside: Path) -> str:
+    """A second name inside the data directory for a file outside it: no path walk sees it."""
+    (outside / "secret.csv").write_bytes(GOOD_CSV)
+    os.link(outside / "secret.csv", data / "linked.csv")
+    return "linked.csv"
+
+
 def directory(data: Path, _outside: Path) -> str:
     (data / "folder.csv").mkdir()
     return "folder.csv"
@@ -173,7 +181,8 @@ DATA_FAULTS = [
         symlinked_directory,
         "data.path 'linked/secret.csv': symbolic links are not allowed",
     ),
-    DataFault("outside-data-dir", outside_file, "secret.csv': outside the data directory"),
+    DataFault("outside-data-dir", outside_file, "secret.csv is outside the data directory"),
+    DataFault("hard-link", hard_link, "linked.csv: a file with 2 hard links is not read"),
     DataFault("missing-file", missing, "data.path 'nope.csv': no such file"),
     DataFault("directory", directory, "data.path 'folder.csv': not a regular file"),
 ]
@@ -206,6 +215,28 @@ def case(id: str, expected: str, changes: dict[str, Any] | None = None, **kw: An
 NOT_UTF8 = dump(BASE).replace(b"numpy", b"num\xffpy", 1)
 
 RUN_CASES = [
+    case(
+        "coefficient-overflows-the-data",
+        "data.synthetic.coefficients[1]: must be <= 1e+09, got 1e+308",
+        {"data.synthetic.coefficients": [1.0, 1e308]},
+    ),
+    case(
+        "intercept-overflows-the-data",
+        "data.synthetic.intercept: must be >= -1e+09, got -1e+300",
+        {"data.synthetic.intercept": -1e300},
+    ),
+    case(
+        "noise-overflows-the-data",
+        "data.synthetic.noise_std: must be <= 1e+09, got 1e+200",
+        {"data.synthetic.noise_std": 1e200},
+    ),
+    case(
+        "eval-every-past-any-run",
+        "eval_every: must be <= 1000000000, got 1000000000000",
+        {"eval_every": 10**400},
+    ),
+    case("name-with-nul", "name: must not contain a NUL character", {"name": "a\x00b"}),
+    case("tag-with-nul", "tags[1]: must not contain a NUL character", {"tags": ["ok", "\x00"]}),
     case("lr-negative", "optimizer.lr: must be > 0, got -1", {"optimizer.lr": -1}),
     case("lr-wrong-type", 'optimizer.lr: must be a number, got "fast"', {"optimizer.lr": "fast"}),
     case("epochs-float", "epochs: must be an integer, got 2.5", {"epochs": 2.5}),
@@ -366,9 +397,10 @@ RUN_CASES = [
 @pytest.fixture
 def run_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Path]:
     """`lrq run` settings whose database and broker would show any write (there must be none)."""
-    dirs = {name: tmp_path / name for name in ("home", "data", "outside", "specs")}
-    for name in ("data", "outside", "specs"):
+    dirs = {name: tmp_path / name for name in ("home", "data", "outside")}
+    for name in ("data", "outside"):
         dirs[name].mkdir()
+    dirs["specs"] = dirs["data"]  # a relative data.path is taken from the spec's directory
     (dirs["data"] / "good.csv").write_bytes(GOOD_CSV)
     monkeypatch.setenv("LRQ_HOME", str(dirs["home"]))
     monkeypatch.setenv("LRQ_DATABASE_URL", f"sqlite:///{dirs['home'] / 'lrq.db'}")
@@ -467,9 +499,10 @@ def start_service(
 ) -> Service:
     import redis
 
-    dirs = {name: tmp_path / name for name in ("home", "data", "outside", "specs")}
+    dirs = {name: tmp_path / name for name in ("home", "data", "outside")}
     for path in dirs.values():
         path.mkdir(exist_ok=True)
+    dirs["specs"] = dirs["data"]  # a relative data.path is taken from the spec's directory
     (dirs["data"] / "good.csv").write_bytes(GOOD_CSV)
     env = {
         "LRQ_HOME": str(dirs["home"]),
@@ -698,10 +731,33 @@ def non_finite(draw: st.DrawFn) -> Mutation:
 def huge_values(draw: st.DrawFn) -> Mutation:
     kind = draw(
         st.sampled_from(
-            ["epochs", "rows", "features", "seed", "batch", "fraction", "row-epochs", "steps"]
+            [
+                "epochs", "rows", "features", "seed", "batch", "fraction", "row-epochs",
+                "steps", "magnitude", "eval-every",
+            ]
         )
-    )
+    )  # fmt: skip
     big = 10**30
+    if kind == "magnitude":
+        # Data drawn with these would overflow: refused however the value is written.
+        where = draw(st.sampled_from(["coefficients", "intercept", "noise_std"]))
+        size = draw(st.floats(min_value=1.0000001e9, max_value=1.7e308))
+        sign = -1 if where != "noise_std" and draw(st.booleans()) else 1
+        value = sign * size
+        bound = ">= -1e+09" if sign < 0 else "<= 1e+09"
+        if where == "coefficients":
+            return doc_mutation(
+                f"coefficient {value!r}",
+                {"data.synthetic.coefficients": [1.0, value]},
+                f"data.synthetic.coefficients[1]: must be {bound}",
+            )
+        path = f"data.synthetic.{where}"
+        return doc_mutation(f"{where}={value!r}", {path: value}, f"{path}: must be {bound}")
+    if kind == "eval-every":
+        value = draw(st.integers(10**9 + 1, 10**400))
+        return doc_mutation(
+            f"eval_every={value}", {"eval_every": value}, "eval_every: must be <= 1000000000"
+        )
     if kind == "epochs":
         value = draw(st.integers(1001, big))
         return doc_mutation(f"epochs={value}", {"epochs": value}, f"epochs: {value}, more than")
@@ -1055,3 +1111,391 @@ def test_sql_looking_names_and_tags_are_stored_literally(
         "jobs": 7, "sweeps": 2, "datasets": 2, "epochs": 0,
         "redis cpu": 7, "redis gpu": 0, "redis unacked": 0, "redis keys": 0,
     }  # fmt: skip
+
+
+# -- spec files that are not files, settings, names the database would refuse -----------------
+
+LONG = "n" * 300
+
+
+def cli_process(env: dict[str, str], *args: str, timeout: float = 60) -> Any:
+    """`lrq ARGS` as its own process, its memory capped: a runaway read fails, not the host."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=cap,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", ["submit", "run"])
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_a_spec_path_that_is_not_a_regular_file_is_refused_without_reading_it(
+    sqlite_service: Service, command: str, kind: str
+) -> None:
+    if kind == "dev-zero":
+        path = "/dev/zero"
+    elif kind == "fifo":
+        path = str(sqlite_service.outside / "spec.fifo")
+        os.mkfifo(path)  # nobody writes to it: reading would wait forever
+    else:
+        path = str(sqlite_service.outside)
+    before = sqlite_service.state()
+    done = cli_process(dict(os.environ), command, path)
+    assert done.returncode == 2, done.stderr
+    expected = "cannot read (Is a directory)" if kind == "directory" else "not a regular file"
+    assert done.stderr == f"error: {path}: {expected}\n"
+    assert done.stdout == ""
+    assert sqlite_service.state() == before
+
+
+def test_a_spec_file_over_the_size_limit_is_refused(sqlite_service: Service) -> None:
+    from service.spec import MAX_SPEC_BYTES
+
+    raw = dump(BASE) + b"#" * MAX_SPEC_BYTES
+    path = sqlite_service.spec(raw)
+    assert_refused(sqlite_service, ["submit", str(path)], f"larger than {MAX_SPEC_BYTES} bytes")
+
+
+def pg_form(url: str, scheme: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    rendered = make_url(url).render_as_string(hide_password=False)
+    return scheme + "://" + rendered.partition("://")[2]
+
+
+BAD_SETTINGS = [
+    ("LRQ_DATABASE_URL", "mysql://lrq:pw@127.0.0.1/lrq", "LRQ_DATABASE_URL: 'mysql' databases"),
+    ("LRQ_DATABASE_URL", "not a url at all", "LRQ_DATABASE_URL: not a database URL; expected"),
+    (
+        "LRQ_DATABASE_URL",
+        "postgresql+psycopg2://u@h/db",
+        "LRQ_DATABASE_URL: 'postgresql+psycopg2' databases",
+    ),
+    (
+        "LRQ_DATABASE_URL",
+        "postgresql+psycopg://lrq:change-me@127.0.0.1/lrq",
+        "LRQ_DATABASE_URL: the password is the placeholder 'change-me'",
+    ),
+    ("LRQ_BROKER_URL", "amqp://guest@127.0.0.1//", "LRQ_BROKER_URL: 'amqp' brokers are not"),
+    ("LRQ_BROKER_URL", "redis://h:port/0", "LRQ_BROKER_URL: not a broker URL"),
+    (
+        "LRQ_BROKER_URL",
+        "redis://:change-me@127.0.0.1:6379/0",
+        "LRQ_BROKER_URL: the password is the placeholder 'change-me'",
+    ),
+    ("LRQ_MAX_ROWS", "abc", "LRQ_MAX_ROWS: input should be a valid integer"),
+    ("LRQ_MAX_ROWS", "0", "LRQ_MAX_ROWS: input should be greater than 0, got '0'"),
+    ("LRQ_LEASE_SECONDS", "soon", "LRQ_LEASE_SECONDS: input should be a valid number"),
+    ("LRQ_TASK_EVENTS", "maybe", "LRQ_TASK_EVENTS: input should be a valid boolean"),
+]
+
+
+@pytest.mark.parametrize("command", [["submit", "base.yaml"], ["status"], ["info"]])
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"), BAD_SETTINGS, ids=[f"{v}={x}" for v, x, _ in BAD_SETTINGS]
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(
+    sqlite_service: Service,
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    variable: str,
+    value: str,
+    expected: str,
+) -> None:
+    args = [str(sqlite_service.specs / a) if a.endswith(".yaml") else a for a in command]
+    before = sqlite_service.state()
+    monkeypatch.setenv(variable, value)
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"error: {expected}"), line
+    assert ":pw@" not in line  # a password in a refused URL is not printed
+    assert sqlite_service.state() == before
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql"])
+def test_postgres_urls_as_people_paste_them_mean_psycopg(
+    pg_service: Service, monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
+    before = pg_service.state()
+    monkeypatch.setenv("LRQ_DATABASE_URL", pg_form(pg_service.url, scheme))
+    result = run_cli("submit", str(pg_service.specs / "base.yaml"), "-q")
+    assert result.exit_code == 0, result.output
+    info = run_cli("info")
+    assert info.stdout.splitlines()[0].startswith("database  postgresql+psycopg://")
+    after = pg_service.state()
+    assert (after["jobs"], after["redis cpu"]) == (before["jobs"] + 1, before["redis cpu"] + 1)
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["results", "{id}", "-o", "{missing}/out.csv"], "-o {missing}/out.csv: no directory"),
+        (["results", "{id}", "--history", "-o", "{missing}/h.json"], "-o {missing}/h.json: no dir"),
+        (["plot", "{id}", "-o", "{missing}/losses.png"], "-o {missing}/losses.png: no directory"),
+        (
+            ["plot", "{id}", "-o", "{here}/losses.txt"],
+            "-o {here}/losses.txt: unsupported format '.txt'; use .png",
+        ),
+        (["plot", "{id}", "-o", "{here}/losses"], "-o {here}/losses: unsupported format '(none)'"),
+    ],
+)
+def test_output_files_lrq_cannot_write_are_refused_before_any_work(
+    database: str,
+    request: pytest.FixtureRequest,
+    command: list[str],
+    expected: str,
+) -> None:
+    service: Service = request.getfixturevalue(
+        f"{'pg' if database == 'postgresql' else 'sqlite'}_service"
+    )
+    job_id = run_cli("status", "--format", "json").stdout
+    values = {
+        "id": json.loads(job_id)[0]["id"],
+        "missing": str(service.outside / "no-such-dir"),
+        "here": str(service.outside),
+    }
+    before = sorted(p.name for p in service.outside.iterdir())
+    assert_refused(
+        service, [a.format(**values) for a in command], "error: " + expected.format(**values)
+    )
+    assert sorted(p.name for p in service.outside.iterdir()) == before
+
+
+def long_named_file(service: Service) -> str:
+    name = "d" * 230 + ".csv"
+    (service.data / name).write_bytes(GOOD_CSV)
+    return name
+
+
+def long_column_file(service: Service) -> str:
+    (service.data / "wide.csv").write_bytes(
+        GOOD_CSV.replace(b",Y\n", b"," + LONG.encode() + b"\n", 1)
+    )
+    return "wide.csv"
+
+
+#: (datasets add arguments, the message); every one fits SQLite and PostgreSQL alike.
+DATASET_REFUSALS: list[tuple[Callable[[Service], list[str]], str]] = [
+    (
+        lambda s: ["good.csv", "--target", "Y", "--name", "\udcff"],
+        "--name '\\udcff': not valid UTF-8",
+    ),
+    (
+        lambda s: ["good.csv", "--target", "Y", "--name", "a\x00b"],
+        "--name 'a\\x00b': must not contain a NUL",
+    ),
+    (lambda s: ["good.csv", "--target", "Y", "--name", LONG], "--name 'nnn"),
+    (lambda s: ["good.csv", "--target", "Y", "--name", ""], "--name '': must not be empty"),
+    (
+        lambda s: ["good.csv", "--target", "Y", "--features", "X1,X1"],
+        "--features: 'X1' is given twice",
+    ),
+    (
+        lambda s: ["good.csv", "--target", "Y", "--features", "X1,,X2"],
+        "--features '': must not be empty",
+    ),
+    (lambda s: ["good.csv", "--target", "Y\x00"], "--target 'Y\\x00': must not contain a NUL"),
+    (lambda s: ["good.csv", "--target", "\ud800"], "--target '\\ud800': not valid UTF-8"),
+    (lambda s: [long_column_file(s), "--target", LONG], "--target 'nnn"),
+    (lambda s: [long_column_file(s), "--target", "X1"], "wide.csv: column 'nnn"),
+    (
+        lambda s: [long_named_file(s), "--target", "Y"],
+        "the file name (the default --name) 'ddd",
+    ),
+]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(("make", "expected"), DATASET_REFUSALS, ids=range(len(DATASET_REFUSALS)))
+def test_dataset_names_the_database_would_refuse_are_refused_naming_the_option(
+    database: str,
+    request: pytest.FixtureRequest,
+    make: Callable[[Service], list[str]],
+    expected: str,
+) -> None:
+    service: Service = request.getfixturevalue(
+        f"{'pg' if database == 'postgresql' else 'sqlite'}_service"
+    )
+    assert_refused(service, ["datasets", "add", *make(service)], f"error: {expected}")
+    if "nnn" in expected or "ddd" in expected:
+        result = run_cli("datasets", "add", *make(service))
+        assert "more than 200" in result.stderr
+
+
+SUBMIT_REFUSALS = [
+    ({"name": "a\x00b"}, [], "name: must not contain a NUL character"),
+    ({"tags": ["x", "y\x00"]}, [], "tags[1]: must not contain a NUL character"),
+    ({"name": LONG}, [], "name: string should have at most 200 characters"),
+    ({}, ["--queue", "q" * 100], "--queue: 100 characters, more than 64"),
+    ({}, ["--queue", "gpu\x00"], "--queue: 'gpu\\x00' is not a queue name"),
+    ({}, ["--set", "name=x\x00"], "name: must not contain a NUL character"),
+    ({"data": {"dataset": "good.csv", "target": "Y" * 300}}, [], "data.target: string should"),
+    ({"data": {"dataset": "d" * 300}}, [], "data.dataset: string should have at most 200"),
+]
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    ("changes", "args", "expected"), SUBMIT_REFUSALS, ids=range(len(SUBMIT_REFUSALS))
+)
+def test_spec_text_the_database_would_refuse_is_refused_naming_the_field(
+    database: str,
+    request: pytest.FixtureRequest,
+    changes: dict[str, Any],
+    args: list[str],
+    expected: str,
+) -> None:
+    service: Service = request.getfixturevalue(
+        f"{'pg' if database == 'postgresql' else 'sqlite'}_service"
+    )
+    path = service.spec(dump(changed(changes)))
+    assert_refused(service, ["submit", str(path), *args], f"error: {expected}")
+
+
+def test_a_json_document_as_json_dumps_writes_it_is_accepted(sqlite_service: Service) -> None:
+    """json.dumps escapes an emoji as a surrogate pair; it is one character, stored as one."""
+    from service import db, jobs
+
+    document = changed({"name": "run 🙂", "tags": ["ünï", "🚀 fast"]})
+    raw = json.dumps(document).encode()
+    assert b"\\ud83d\\ude42" in raw
+    result = run_cli("submit", str(sqlite_service.spec(raw)), "-q")
+    assert result.exit_code == 0, result.output
+    (job_id,) = result.stdout.split()
+    with db.transaction(sqlite_service.url) as session:
+        (job,) = jobs.find_jobs(session=session, ids=[job_id])
+        assert (job.name, job.spec["tags"]) == ("run 🙂", ["ünï", "🚀 fast"])
+    # The same escapes in YAML's double quotes mean the same character.
+    yaml_raw = dump(BASE).replace(b"name: base", b'name: "run \\ud83d\\ude42"')
+    result = run_cli("run", str(sqlite_service.spec(yaml_raw)), "--json")
+    assert result.exit_code == 0, result.output
+
+
+def test_retrying_a_job_that_cannot_be_retried_is_bad_input(
+    sqlite_service: Service, tmp_path: Path
+) -> None:
+    from tests.support import WorkerProcess, load_jobs, wait_jobs
+
+    queued = load_jobs(sqlite_service.url)[0].id
+    assert_refused(sqlite_service, ["retry", queued], "only failed, diverged or cancelled")
+    worker = WorkerProcess(dict(os.environ), tmp_path / "worker.log").wait_ready()
+    try:
+        ids = [job.id for job in load_jobs(sqlite_service.url)]
+        found = wait_jobs(sqlite_service.url, ids, timeout=120, workers=[worker])
+    finally:
+        worker.stop()
+    assert {job.state for job in found} == {"succeeded"}
+    assert_refused(
+        sqlite_service, ["retry", found[0].id[:10]], "only failed, diverged or cancelled"
+    )
+
+
+def test_ctrl_c_exits_130_without_a_traceback(sqlite_service: Service) -> None:
+    """`submit --wait` on a job no worker runs waits until SIGINT; the shell sees 130."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import wait_for
+
+    log = sqlite_service.outside / "submit.out"
+    queued = sqlite_service.state()["redis cpu"]
+    # As the `lrq` console script runs it. (Under `python -m`, CPython itself may turn a
+    # KeyboardInterrupt that was caught into death by SIGINT at exit, whatever code is given.)
+    script = "import sys; from service.cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", script, "submit", str(sqlite_service.specs / "base.yaml")]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*argv, "--wait"],
+            env=dict(os.environ),
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_for(
+                lambda: sqlite_service.state()["redis cpu"] > queued,
+                timeout=60,
+                what="the job queued, and submit waiting for it",
+            )
+            assert b"queue=cpu" in log.read_bytes()
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+    assert process.returncode == 130, stderr
+    assert stderr.decode() == "interrupted\n"
+
+
+# -- a relative data.path is taken from the spec file's directory -------------------------------
+
+
+def test_a_relative_data_path_is_taken_from_the_spec_files_directory(
+    sqlite_service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import db, jobs
+    from service.datasets import decode
+
+    project = sqlite_service.data / "project"
+    (project / "specs").mkdir(parents=True)
+    (project / "points.csv").write_bytes(GOOD_CSV.replace(b"15", b"17"))
+    spec_path = project / "specs" / "fit.yaml"
+    spec_path.write_bytes(dump(file_spec("../points.csv")))
+    # '..' stays refused; a path below the spec's own directory is found from anywhere.
+    assert_refused(sqlite_service, ["submit", str(spec_path)], "'..' is not allowed")
+    (project / "specs" / "points.csv").write_bytes(GOOD_CSV.replace(b"15", b"18"))
+    spec_path.write_bytes(dump(file_spec("points.csv")))
+    monkeypatch.chdir(sqlite_service.outside)
+    result = run_cli("submit", str(spec_path), "-q")
+    assert result.exit_code == 0, result.output
+    (job_id,) = result.stdout.split()
+    with db.transaction(sqlite_service.url) as session:
+        (job,) = jobs.find_jobs(session=session, ids=[job_id])
+        dataset = jobs.find_dataset(job.dataset_id or "", session=session)
+        assert dataset.name == "points.csv"
+        assert max(decode(dataset.content).y) == 18  # the file beside the spec, not another
+    ran = run_cli("run", str(spec_path), "--json")
+    assert ran.exit_code == 0, ran.output
+
+
+def test_a_missing_data_file_names_the_full_path_tried(sqlite_service: Service) -> None:
+    sub = sqlite_service.data / "sub"
+    sub.mkdir()
+    spec_path = sub / "spec.yaml"
+    spec_path.write_bytes(dump(file_spec("nope.csv")))
+    tried = sub.resolve() / "nope.csv"
+    for command in ("submit", "run"):
+        assert_refused(
+            sqlite_service,
+            [command, str(spec_path)],
+            f"error: data.path 'nope.csv': no such file (looked for {tried})",
+        )
+
+
+def test_a_spec_outside_the_data_directory_cannot_reach_past_it(sqlite_service: Service) -> None:
+    """The data directory rule holds whichever directory a relative path starts from."""
+    (sqlite_service.outside / "good.csv").write_bytes(GOOD_CSV)
+    spec_path = sqlite_service.outside / "spec.yaml"
+    spec_path.write_bytes(dump(file_spec("good.csv")))
+    tried = sqlite_service.outside.resolve() / "good.csv"
+    root = sqlite_service.data.resolve()
+    assert_refused(
+        sqlite_service,
+        ["submit", str(spec_path)],
+        f"error: data.path 'good.csv': {tried} is outside the data directory '{root}'",
+    )

@@ -16,7 +16,8 @@ from tests.support import WorkerProcess, run_cli, set_lrq_env, submit_ids, wait_
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP_SPEC = str(ROOT / "examples" / "sweep.yaml")
-SLOW = ("--set", "data.synthetic.n_samples=20000", "--set", "batch_size=16")
+# The reference loop: a fused run of this size can finish before `info` is asked.
+SLOW = ("--set", "data.synthetic.n_samples=20000", "--set", "batch_size=16", "--set", "engine=loop")
 
 
 class Events(threading.Thread):

@@ -166,8 +166,8 @@ def test_cancel_retry_and_wait_exit_codes(lrq_env: dict[str, str], tmp_path: Pat
         after = assert_fresh_history(url, load_jobs(url, [long])[0], 400)
         assert after[: len(before)] == before
         assert_fresh_history(url, load_jobs(url, [queued])[0], 5)
-        refused = run_cli("retry", queued)
-        assert refused.exit_code == 1
+        refused = run_cli("retry", queued)  # succeeded: retrying it is bad input
+        assert refused.exit_code == 2
         assert "only failed, diverged or cancelled jobs can be retried" in refused.stderr
 
         # --wait: 0 when every job succeeded, 1 when one diverged.

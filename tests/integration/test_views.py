@@ -351,7 +351,9 @@ def test_plots_per_row_losses_colour_bars_and_formats(
     # An unknown extension is refused before anything is read or written.
     refused = run_cli("plot", summed, "-o", str(tmp_path / "plot.jpg"))
     assert refused.exit_code == 2
-    assert refused.stderr.startswith("error: -o: unknown plot format '.jpg'")
+    assert refused.stderr.startswith(
+        f"error: -o {tmp_path / 'plot.jpg'}: unsupported format '.jpg'"
+    )
     assert not (tmp_path / "plot.jpg").exists()
     # In the terminal: the curves as text.
     text = run_cli("plot", "--sweep", sweep_id, "--terminal")

@@ -29,11 +29,15 @@ def test_environment_values_are_parsed_into_their_types(
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("LRQ_LEASE_SECONDS", "0", "LRQ_LEASE_SECONDS: must be > 0, got '0'"),
-        ("LRQ_TORCH_THREADS", "-1", "LRQ_TORCH_THREADS: must be >= 0, got '-1'"),
-        ("LRQ_MAX_ROWS", "many", "LRQ_MAX_ROWS: 'many' is not valid"),
-        ("LRQ_TASK_EVENTS", "maybe", "LRQ_TASK_EVENTS: 'maybe' is not valid"),
-        ("LRQ_LOG_FORMAT", "xml", "LRQ_LOG_FORMAT: 'xml' is not valid: must be text or json"),
+        ("LRQ_LEASE_SECONDS", "0", "LRQ_LEASE_SECONDS: input should be greater than 0, got '0'"),
+        (
+            "LRQ_TORCH_THREADS",
+            "-1",
+            "LRQ_TORCH_THREADS: input should be greater than or equal to 0, got '-1'",
+        ),
+        ("LRQ_MAX_ROWS", "many", "LRQ_MAX_ROWS: input should be a valid integer, got 'many'"),
+        ("LRQ_TASK_EVENTS", "maybe", "LRQ_TASK_EVENTS: input should be a valid boolean"),
+        ("LRQ_LOG_FORMAT", "xml", "LRQ_LOG_FORMAT: input should be 'text' or 'json', got 'xml'"),
     ],
 )
 def test_a_bad_variable_is_one_line_naming_it_and_exit_code_2(
@@ -52,6 +56,17 @@ def test_a_bad_variable_is_one_line_naming_it_and_exit_code_2(
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [f"error: {caught.value}"]
     assert not (tmp_path / "lrq.db").exists()
+
+
+def test_every_refused_variable_is_named_on_the_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LRQ_MAX_ROWS", "0")
+    monkeypatch.setenv("LRQ_DATABASE_URL", "mysql://lrq:pw@127.0.0.1/lrq")
+    with pytest.raises(SettingsError) as caught:
+        Settings()
+    message = str(caught.value)
+    assert message.startswith("LRQ_DATABASE_URL: 'mysql' databases are not supported")
+    assert message.endswith("; LRQ_MAX_ROWS: input should be greater than 0, got '0'")
+    assert ":pw@" not in message
 
 
 def test_an_unknown_override_is_refused() -> None:
