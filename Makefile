@@ -39,6 +39,9 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_fused
 	$(BIN)/python -m benchmarks.bench_engines
 	$(BIN)/python -m benchmarks.bench_checkpoints
+	$(BIN)/python -m benchmarks.bench_queue
+	$(BIN)/python -m benchmarks.bench_db
+	$(BIN)/python -m benchmarks.bench_startup
 	$(BIN)/python -m benchmarks.bench_broker
 
 clean:

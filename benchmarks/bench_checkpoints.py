@@ -156,7 +156,7 @@ def main() -> None:
         overrides["record_every_epochs"] = args.every_epochs
     if args.every_seconds is not None:
         overrides["record_every_seconds"] = args.every_seconds
-    cadence = Settings(**overrides)  # type: ignore[arg-type]
+    cadence = Settings(**overrides)
     print(
         f"checkpoint every {cadence.record_every_epochs} epochs or "
         f"{cadence.record_every_seconds:g}s; median of {args.repeats}, interleaved\n"

@@ -8,26 +8,27 @@ workers are conditional UPDATEs fenced by ``attempts``: a worker whose claim was
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 import os
 import socket
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ColumnElement, Row, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.errors import NotFoundError, StateError
 from service.models import TERMINAL, Dataset, Epoch, Job, Sweep
-from service.spec import JobSpec
 
 if TYPE_CHECKING:
     import pandas as pd
+    from sqlalchemy import Table as SqlTable
 
     from service.datasets import Table
+    from service.spec import JobSpec
 
 
 def utcnow() -> dt.datetime:
@@ -194,10 +195,37 @@ def _holder_is_dead_here(worker: str | None) -> bool:
 
 def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: float) -> Claim | None:
     """Take a job for one attempt, or None when it is not ours to run now."""
+    now = utcnow()
+    # The usual case, a queued job with attempts left, in one statement; a concurrent claim
+    # waits on the row and then finds it no longer queued.
+    taken = session.execute(
+        update(Job)
+        .where(
+            (Job.id == job_id)
+            & (Job.state == "queued")
+            & (Job.attempts - Job.attempts_at_retry < Job.max_attempts)
+        )
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            worker=worker,
+            lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .returning(Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if taken is not None:
+        return Claim(
+            job_id=job_id,
+            attempt=taken.attempts,
+            spec=taken.spec,
+            checkpoint=taken.checkpoint,
+            dataset_id=taken.dataset_id,
+        )
     job = session.get(Job, job_id)
     if job is None:
         return None
-    now = utcnow()
     lapsed = job.state == "running" and (
         (job.lease_expires_at is not None and job.lease_expires_at < now)
         or _holder_is_dead_here(job.worker)
@@ -290,22 +318,31 @@ class EpochRow:
 
 
 def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> None:
+    """Insert or overwrite epoch rows in one statement (PostgreSQL) or one executemany."""
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(Epoch)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Epoch.job_id, Epoch.epoch],
-        set_={
-            "train_loss": stmt.excluded.train_loss,
-            "test_loss": stmt.excluded.test_loss,
-            "seconds": stmt.excluded.seconds,
-        },
-    )
-    session.execute(
-        stmt,
-        [
+    # Imported here: the PostgreSQL dialect module alone costs the CLI ~50 ms at start.
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    table = cast("SqlTable", Epoch.__table__)
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        # Five arrays, one INSERT ... SELECT unnest(...): the server runs one statement for
+        # the whole batch, and the statement's text (so its compiled form) never changes.
+        stmt: Any = postgresql.insert(table).from_select(
+            ["job_id", "epoch", "train_loss", "test_loss", "seconds"], _unnest_epochs()
+        )
+        parameters: Any = {
+            "job_id": job_id,
+            "epochs": "{" + ",".join(str(int(r.epoch)) for r in rows) + "}",
+            "train_losses": _float_array([r.train_loss for r in rows]),
+            "test_losses": _float_array([r.test_loss for r in rows]),
+            "seconds": _float_array([r.seconds for r in rows]),
+        }
+    else:
+        # SQLite runs in this process: an executemany is one prepared statement in a C loop.
+        stmt = sqlite.insert(table)
+        parameters = [
             {
                 "job_id": job_id,
                 "epoch": r.epoch,
@@ -314,7 +351,51 @@ def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> N
                 "seconds": r.seconds,
             }
             for r in rows
-        ],
+        ]
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[table.c.job_id, table.c.epoch],
+        set_={
+            "train_loss": stmt.excluded.train_loss,
+            "test_loss": stmt.excluded.test_loss,
+            "seconds": stmt.excluded.seconds,
+        },
+    )
+    connection.execute(stmt, parameters)
+
+
+#: PostgreSQL's spelling of the floats Python's repr writes differently.
+_PG_FLOATS = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _float_text(value: float | None) -> str:
+    if value is None:
+        return "NULL"
+    text = repr(float(value))
+    return _PG_FLOATS.get(text, text)
+
+
+def _float_array(values: Sequence[float | None]) -> str:
+    """A float8[] literal: repr round-trips a float exactly, and the server parses text
+    faster than the driver adapts a list element by element."""
+    return "{" + ",".join(map(_float_text, values)) + "}"
+
+
+@functools.cache
+def _unnest_epochs() -> Any:
+    """SELECT :job_id, unnest(:epochs::int[]), ...: the arrays bound as array literals."""
+    from sqlalchemy import Float, Integer, String, bindparam
+    from sqlalchemy import cast as sql_cast
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    def column(name: str, kind: Any) -> Any:
+        return func.unnest(sql_cast(bindparam(name, type_=String), ARRAY(kind)))
+
+    return select(
+        sql_cast(bindparam("job_id", type_=String), String),
+        column("epochs", Integer),
+        column("train_losses", Float),
+        column("test_losses", Float),
+        column("seconds", Float),
     )
 
 
@@ -343,12 +424,17 @@ def record_epochs(
         values["last_loss"] = rows[-1].train_loss
     if checkpoint is not None:
         values["checkpoint"] = json_safe(checkpoint)
-    result = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
+    cancel = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(**values)
+        .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if cancel is None:
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
     _upsert_epochs(job_id, rows, session)
-    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-    return Progress(cancel_requested=bool(cancel))
+    return Progress(cancel_requested=bool(cancel[0]))
 
 
 def finish_job(
@@ -374,12 +460,18 @@ def finish_job(
     if rows:
         values["epochs_done"] = rows[-1].epoch
         values["last_loss"] = rows[-1].train_loss
-    done = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
-    if done.rowcount != 1:  # type: ignore[attr-defined]
+    done = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(**values)
+        .returning(Job.epochs_done)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if done is None:
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
     _upsert_epochs(job_id, rows, session)
     if state == "succeeded":
-        expected = session.scalar(select(Job.epochs_done).where(Job.id == job_id))
+        expected = done[0]
         stored = session.scalar(select(func.count()).where(Epoch.job_id == job_id))
         if stored != expected:
             # Raising rolls the whole finish back: the job stays running and is resumed.
@@ -586,8 +678,9 @@ SUMMARY_FIELDS = (
 )
 
 
-def result_row(job: Job) -> dict[str, Any]:
-    """One job as a flat row: identity, state, the spec's parameters and the summary."""
+def result_row(job: Job | Row[Any]) -> dict[str, Any]:
+    """One job (an ORM object or a row of ``RESULT_COLUMNS``) as a flat row: identity, state,
+    the spec's parameters and the summary."""
     from service.spec import flatten
 
     row: dict[str, Any] = {
@@ -609,11 +702,36 @@ def result_row(job: Job) -> dict[str, Any]:
     return row
 
 
-def results_frame(jobs: Sequence[Job]) -> pd.DataFrame:
+def results_frame(jobs: Sequence[Job | Row[Any]]) -> pd.DataFrame:
     """One row per job: spec parameters flattened into columns, and the summary."""
     import pandas as pd
 
     return pd.DataFrame([result_row(job) for job in jobs])
+
+
+#: The columns a results row is made of, read without an ORM object per job.
+RESULT_COLUMNS = (
+    Job.id,
+    Job.name,
+    Job.sweep_id,
+    Job.state,
+    Job.attempts,
+    Job.error,
+    Job.created_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.epochs_done,
+    Job.result,
+    Job.spec,
+)
+
+
+def results_frame_of(job_ids: Sequence[str], *, session: Session) -> pd.DataFrame:
+    """The results frame of many jobs (oldest first) from one query of plain rows."""
+    rows = session.execute(
+        select(*RESULT_COLUMNS).where(Job.id.in_(job_ids)).order_by(Job.created_at, Job.id)
+    ).all()
+    return results_frame(rows)
 
 
 def history_rows(job_ids: Sequence[str], *, session: Session) -> list[Epoch]:

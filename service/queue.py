@@ -133,8 +133,13 @@ def get_app() -> Celery:
     return make_app(get_settings())
 
 
+#: Messages per Redis pipeline when a sweep is published (kombu's batch limit).
+PUBLISH_BATCH = 1000
+
+
 def publish(app: Celery, jobs: Sequence[tuple[str, str]], *, timeout: float) -> None:
-    """Send one message per (job id, queue); BrokerError if the broker is out of reach."""
+    """Send one message per (job id, queue), on Redis in one pipeline; BrokerError if the
+    broker is out of reach (the jobs then stay recorded for the reconciler)."""
     if not jobs:
         return
     policy = {
@@ -143,17 +148,20 @@ def publish(app: Celery, jobs: Sequence[tuple[str, str]], *, timeout: float) -> 
         "interval_step": timeout / 4,
         "interval_max": timeout / 2,
     }
+    # Kombu batches only where a pipeline is never replayed on a timeout; a replayed
+    # message would merely be a duplicate here (the database fences it), but this
+    # connection publishes without replay so the whole sweep is one round trip.
+    options = {"retry_on_timeout": False}
     try:
-        with app.connection_for_write() as connection:
+        with app.connection_for_write(transport_options=options) as connection:
             connection.ensure_connection(max_retries=1)
-            with app.producer_or_acquire() as producer:
-                declared: set[str] = set()
+            producer = app.amqp.Producer(connection)
+            for queue in dict.fromkeys(queue for _, queue in jobs):
+                # Declared every time: a flushed Redis loses its bindings, and a
+                # message sent without one is dropped.
+                Queue(queue, routing_key=queue)(producer.channel).declare()
+            with producer.batch(max_size=PUBLISH_BATCH):
                 for job_id, queue in jobs:
-                    if queue not in declared:
-                        # Declared every time: a flushed Redis loses its bindings, and a
-                        # message sent without one is dropped.
-                        Queue(queue, routing_key=queue)(producer.channel).declare()
-                        declared.add(queue)
                     app.send_task(
                         TASK_NAME,
                         args=[job_id],

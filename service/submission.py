@@ -42,12 +42,12 @@ def _resolve_data(
     spec_dir: Path | None,
 ) -> spec.JobSpec:
     """The spec with its data pinned to a registered dataset (files are registered here)."""
-    from service import datasets
-
     data = job.data
     if data.synthetic is not None:
         spec.check_limits(job, settings)
         return job
+    from service import datasets  # numpy: not needed by a synthetic spec's submit
+
     if data.path is not None:
         # Grid points usually share one file: read and store it once.
         key = (data.path, data.target, tuple(data.features) if data.features else None)

@@ -1439,7 +1439,9 @@ def test_ctrl_c_exits_130_without_a_traceback(sqlite_service: Service) -> None:
                 process.kill()
                 process.wait(10)
     assert process.returncode == 130, stderr
-    assert stderr.decode() == "interrupted\n"
+    # The watch may have printed its first progress line before the signal came.
+    assert stderr.decode().splitlines()[-1] == "interrupted"
+    assert "Traceback" not in stderr.decode()
 
 
 # -- a relative data.path is taken from the spec file's directory -------------------------------

@@ -59,3 +59,54 @@ def test_client_commands_never_import_torch(tmp_path: Path) -> None:
     assert [row[2:5] for row in status] == [["torch", "cpu", "queued"]] * 3
     assert len(json.loads(runs[7]["stdout"])) == 0
     assert torch_modules == []
+
+
+#: Runs `lrq status` on a migrated database, then prints the heavy modules it loaded.
+STATUS_SCRIPT = """
+import json, sys
+from click.testing import CliRunner
+from service.cli import main
+
+assert CliRunner().invoke(main, ["db", "upgrade"]).exit_code == 0
+heavy = ("pydantic", "pydantic_settings", "yaml", "alembic", "torch", "numpy", "pandas")
+for name in [m for m in sys.modules if m.split(".")[0] in heavy]:
+    del sys.modules[name]  # `db upgrade` needs Alembic; status must not load it again
+result = CliRunner().invoke(main, ["status"], catch_exceptions=False)
+loaded = sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in heavy})
+print(json.dumps({"code": result.exit_code, "stdout": result.stdout, "loaded": loaded}))
+"""
+
+
+def test_status_starts_without_pydantic_yaml_or_alembic(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LRQ_")}
+    env.update(LRQ_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", STATUS_SCRIPT],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome["code"] == 0
+    assert outcome["stdout"].split()[:5] == ["ID", "NAME", "BACKEND", "DEVICE", "STATE"]
+    assert outcome["loaded"] == []
+
+
+def test_importing_the_cli_loads_no_pydantic_yaml_or_alembic() -> None:
+    code = (
+        "import sys, service.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'pydantic', 'yaml', 'alembic'}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"

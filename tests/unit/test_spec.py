@@ -413,7 +413,7 @@ def test_grid_past_the_point_limit_is_refused_before_expanding() -> None:
 
 
 def limits(**values: int) -> Settings:
-    return Settings(**values)  # type: ignore[arg-type]
+    return Settings(**values)
 
 
 @pytest.mark.parametrize(
