@@ -23,10 +23,10 @@ _engines: dict[tuple[str, int, bool], Engine] = {}
 _worker_process = False
 
 
-def use_worker_sessions() -> None:
+def use_worker_sessions(enabled: bool = True) -> None:
     """Give this process's later connections a worker's session options, not a client's."""
     global _worker_process
-    _worker_process = True
+    _worker_process = enabled
 
 
 def mask_url(url: str) -> str:

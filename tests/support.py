@@ -194,6 +194,7 @@ def reset_caches() -> None:
     get_settings.cache_clear()
     get_app.cache_clear()
     db.dispose_all()
+    db.use_worker_sessions(False)  # an in-process `lrq worker` turns them on
 
 
 # -- jobs through the CLI and the database ----------------------------------------------------
