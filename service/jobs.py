@@ -291,6 +291,25 @@ def release_job(job_id: str, *, worker: str, session: Session) -> bool:
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def hand_back_job(job_id: str, *, attempt: int, session: Session) -> bool:
+    """Put a job this attempt checkpointed for its worker's shutdown back to queued.
+
+    The attempt is not counted against the cap (a deploy is not the job's fault), while
+    ``attempts`` itself never goes back, so the fence still tells this attempt from later ones.
+    """
+    result = session.execute(
+        update(Job)
+        .where(_fenced(job_id, attempt))
+        .values(
+            state="queued",
+            worker=None,
+            lease_expires_at=None,
+            attempts_at_retry=Job.attempts_at_retry + 1,
+        )
+    )
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def fail_job(job_id: str, *, error: str, session: Session, worker: str | None = None) -> bool:
     """Fail a running job (held by ``worker`` when given), e.g. after a hard time limit."""
     condition = (Job.id == job_id) & (Job.state == "running")

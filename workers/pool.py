@@ -38,7 +38,7 @@ def run_worker(
     loglevel: str,
 ) -> None:
     """Run a Celery worker in this process until it is stopped."""
-    from workers.tasks import register_tasks
+    from workers.tasks import interrupted, register_tasks
 
     if "gpu" in queues:
         import torch
@@ -75,6 +75,8 @@ def run_worker(
         )
     finally:
         celery_command.params[0].default = None
+    if interrupted.is_set():
+        sys.exit(130)  # Ctrl-C, as shells expect (Celery itself exits 1)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -34,10 +34,15 @@ DB_RETRY_MAX_PAUSE = 5.0
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError)
 
 #: Sent by the worker's main process to its pool processes when it begins a warm shutdown:
-#: a running job checkpoints, goes back to the queue and its process returns at once.
-RELEASE_SIGNAL = signal.SIGUSR2
+#: a running job checkpoints, goes back to the queue and its process returns at once. A
+#: real-time signal: billiard points SIGUSR1/SIGUSR2 and the other classic ones at its own
+#: exit handler in every pool process after its set-up hooks have run, so a handler for them
+#: installed there would be replaced and the signal would kill the process mid-job.
+RELEASE_SIGNAL = signal.SIGRTMIN + 1
 #: Set (in a pool process) once the worker is shutting down.
 shutdown_requested = threading.Event()
+#: Set (in the worker's main process) when Ctrl-C started its shutdown.
+interrupted = threading.Event()
 
 
 def with_db_retries(action: Callable[[], T], *, what: str) -> T:
@@ -231,7 +236,7 @@ def execute_job(job_id: str, settings: Settings) -> str:
     if unreachable:
         return "database unavailable"
     if recorder.released and state == "cancelled" and not recorder.cancel_requested:
-        return release_for_shutdown(job_id, settings)
+        return release_for_shutdown(claim, settings)
 
     def finish() -> None:
         with db.transaction(url) as session:
@@ -252,15 +257,16 @@ def execute_job(job_id: str, settings: Settings) -> str:
     return state
 
 
-def release_for_shutdown(job_id: str, settings: Settings) -> str:
+def release_for_shutdown(claim: jobs.Claim, settings: Settings) -> str:
     """Put a job this process checkpointed at shutdown back to queued; returns "released"."""
 
-    def release() -> None:
+    def release() -> bool:
         with db.transaction(settings.resolved_database_url()) as session:
-            jobs.release_job(job_id, worker=jobs.worker_identity(), session=session)
+            return jobs.hand_back_job(claim.job_id, attempt=claim.attempt, session=session)
 
-    with_db_retries(release, what=f"job {job_id}: release")
-    log.info("job %s: checkpointed and released for the worker's shutdown", job_id)
+    if not with_db_retries(release, what=f"job {claim.job_id}: release"):
+        return "lease lost"
+    log.info("job %s: checkpointed and released for the worker's shutdown", claim.job_id)
     return "released"
 
 
@@ -420,7 +426,9 @@ def register_tasks(
             signal.signal(RELEASE_SIGNAL, _request_release)
 
     @signals.worker_shutting_down.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _release_running_jobs(**_: Any) -> None:
+    def _release_running_jobs(sig: str = "", **_: Any) -> None:
+        if sig == "SIGINT":
+            interrupted.set()
         # Celery's warm shutdown waits for running jobs, which may take hours: have each
         # pool process checkpoint its job and hand it back instead.
         for worker in workers_here:

@@ -196,10 +196,16 @@ def test_a_stopped_worker_hands_its_running_job_back_at_once(
     assert 0 < job.epochs_done < spec["epochs"]
     assert job.checkpoint["epoch"] == job.epochs_done
     try:
-        old.process.wait(120 * DEADLINE_SCALE)
+        code = old.process.wait(120 * DEADLINE_SCALE)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the worker did not exit after {stop}\n{cluster.logs()}")
     report_recovery(f"{stop} -> worker exited", elapsed(stopped_at))
+    # Handed back by the pool process itself, which lived to say so: not a lost process's
+    # job freed by its parent.
+    log = old.text()
+    assert f"job {job_id}: checkpointed and released for the worker's shutdown" in log, log
+    assert "exited with" not in log, log
+    assert code == (130 if stop == "ctrl-c" else 0), log
     (line,) = [row for row in run_cli("status").output.splitlines() if row.startswith(job_id[:12])]
     assert " queued " in line, line
 
