@@ -137,10 +137,10 @@ class EpochRun:
     def remaining(self) -> int:
         return self.spec.epochs - self.progress.epoch
 
-    def advance(self, count: int, *, seconds: Callable[[int], float] | None = None) -> float:
+    def advance(self, count: int, *, shared_seconds: float = 0.0) -> float:
         """Run up to ``count`` more epochs and report each; returns the seconds they took.
 
-        ``seconds(done)``, when given, says how long each epoch took (a pack's shared time).
+        ``shared_seconds``: this run's share of work done for it elsewhere (a pack's passes).
         """
         spec, progress, engine = self.spec, self.progress, self.engine
         count = min(count, self.remaining)
@@ -152,7 +152,7 @@ class EpochRun:
         chunk = engine.advance(progress.epoch, count, evaluate)
         done = len(chunk.train_losses)
         took = time.perf_counter() - began
-        per_epoch = seconds(done) if seconds is not None else took / max(done, 1)
+        per_epoch = (took + shared_seconds) / max(done, 1)
         if chunk.diverged:
             self.status, self.diverged_at = "diverged", progress.epoch + done + 1
         losses, tests = chunk.train_losses.tolist(), chunk.test_losses.tolist()
@@ -169,7 +169,8 @@ class EpochRun:
             # A run that has done all its epochs has succeeded, whatever arrives now.
             if self.should_stop is not None and progress.epoch < spec.epochs and self.should_stop():
                 engine.keep(index)
-                self.status = "cancelled"
+                # A divergence later in the chunk is past the epoch the run stops at.
+                self.status, self.diverged_at = "cancelled", None
                 break
         return took
 
