@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     #: Epoch rows are written (with a checkpoint) every N epochs or T seconds, whichever first.
     record_every_epochs: int = Field(50, gt=0)
     record_every_seconds: float = Field(2.0, gt=0)
+    #: A worker packing a sweep claims at most this many of its jobs (the one it was sent
+    #: included), and no more than fit in ``pack_max_bytes`` of members' own state.
+    pack_max_members: int = Field(64, gt=0)
+    pack_max_bytes: int = Field(256 * 1024 * 1024, gt=0)
     #: Torch threads per pool process; 0 shares the host's cores among the pool's processes.
     torch_threads: int = Field(0, ge=0)
     #: Seconds between a worker's reconciler passes.

@@ -109,11 +109,13 @@ def submit(
     settings: Settings,
     session: Session,
     gpu_live: Callable[[], bool] | None = None,
+    pack: bool = True,
 ) -> Submission:
     """Validate everything, register data files, then insert the jobs (not yet published).
 
     ``gpu_live`` says whether a GPU worker is up; with it, ``device: auto`` jobs large enough
-    to gain from a GPU go to the gpu queue."""
+    to gain from a GPU go to the gpu queue. ``pack``: a sweep's jobs that share their data
+    may be trained together, where that is exact (the worker decides which)."""
     document = spec.apply_overrides(document, overrides)
     specs = spec.expand(document, grid, max_points=settings.max_grid_points)
     if queue is not None and not queue.replace("-", "").replace("_", "").isalnum():
@@ -128,6 +130,7 @@ def submit(
         max_attempts=settings.max_attempts,
         queue=queue,
         sweep=(document, list(grid)) if grid else None,
+        pack=pack,
     )
     if queue is None and gpu_live is not None:
         router = AutoRouter(gpu_live)

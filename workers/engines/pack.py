@@ -264,12 +264,13 @@ def train_pack(
     *,
     chunk_epochs: int,
     chunk_seconds: float,
-    after_chunk: Callable[[], None] | None = None,
+    after_chunk: Callable[[dict[str, RunResult], list[str]], None] | None = None,
 ) -> PackResult:
     """Train every member on the shared ``data``, a chunk of epochs at a time for all.
 
-    ``after_chunk()`` is called once every member has reported the chunk's epochs (the
-    worker writes the whole pack's progress then).
+    ``after_chunk(finished, running)`` is called once every member has reported the chunk's
+    epochs, with the results of the members that stopped in it and the keys of those still
+    running (the worker finishes the first and writes the others' progress then).
     """
     from workers.engines import _check_data
 
@@ -321,6 +322,7 @@ def train_pack(
     for run in runs.values():
         run.progress.train_seconds += setup
     per_epoch: float | None = None
+    reported: set[str] = set()
     while True:
         active = [run for run in runs.values() if run.running]
         if not active:
@@ -338,7 +340,13 @@ def train_pack(
             )
         per_epoch = (time.perf_counter() - chunk_began) / max(counts.values())
         if after_chunk is not None:
-            after_chunk()
+            stopped = {
+                key: run.result()
+                for key, run in runs.items()
+                if not run.running and key not in reported
+            }
+            reported.update(stopped)
+            after_chunk(stopped, [key for key, run in runs.items() if run.running])
     return PackResult({key: run.result() for key, run in runs.items()}, errors)
 
 
