@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_engines
 	$(BIN)/python -m benchmarks.bench_checkpoints
 	$(BIN)/python -m benchmarks.bench_broker
+	$(BIN)/python -m benchmarks.bench_pack
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

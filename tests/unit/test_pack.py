@@ -205,3 +205,16 @@ def test_only_fused_cpu_runs_pack_and_the_data_key_names_what_the_arrays_depend_
     split_seed = {**split, "seed": split["seed"] + 1}
     assert data_key(split, None) != data_key(split_seed, None)
     assert data_key(document, None) != data_key(document, "abc")
+
+
+def test_a_cancel_before_a_divergence_later_in_the_same_chunk_is_a_cancel() -> None:
+    rng = np.random.default_rng(7)
+    data = make_data(rng, 30, 2)
+    spec = make_spec(data, optimizer={"lr": 50.0}, epochs=200)
+    alone = train(spec, data)
+    assert alone.status == "diverged" and alone.summary["diverged_at"] > 2
+    stopped = train(spec, data, should_stop=stop_after(2), chunk_epochs=500)
+    assert stopped.status == "cancelled"
+    assert [r.epoch for r in stopped.history] == [1, 2]
+    # The divergence came after the epoch the run stopped at: it is no part of this run.
+    assert "diverged_at" not in stopped.summary
