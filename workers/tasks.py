@@ -262,13 +262,15 @@ _TIMED_OUT = "timed out: the soft time limit of {:g}s"
 
 def _pack_spec(claim: jobs.Claim) -> JobSpec | None:
     """The claim's spec when it may run in a pack (the fused CPU engine would run it)."""
+    from workers.engines import _cuda_possible
     from workers.engines.pack import packable
 
     try:
         spec = JobSpec.model_validate(claim.spec)
     except (LrqError, ValueError):
         return None
-    return spec if packable(spec) else None
+    # A job that would run on this host's CUDA device runs alone, on it, as before.
+    return spec if packable(spec, cuda=_cuda_possible(spec)) else None
 
 
 def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Claim]:

@@ -198,6 +198,9 @@ def test_only_fused_cpu_runs_pack_and_the_data_key_names_what_the_arrays_depend_
     spec = make_spec(data)
     assert packable(spec)
     assert not packable(spec.model_copy(update={"engine": "loop"}))
+    # Where the spec would run on a CUDA device, it runs alone there.
+    assert not packable(spec.model_copy(update={"device": "auto"}), cuda=True)
+    assert packable(spec.model_copy(update={"device": "cpu"}), cuda=True)
     document = spec.to_json()
     other_seed = {**document, "seed": document["seed"] + 1, "optimizer": {"lr": 0.5}}
     assert data_key(document, None) == data_key(other_seed, None)
