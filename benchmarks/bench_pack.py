@@ -1,18 +1,29 @@
 """A 64-point learning-rate sweep packed, against one of its jobs alone and all 64 one by one.
 
-Run: ``python -m benchmarks.bench_pack [--repeats N] [--points N] [--quick]``. In-process:
-``train_pack`` over the sweep against ``train`` of each point, on the same data, full batch and
-mini-batch (batch 32). Every variant of a row is timed in the same round, rounds interleaved,
-and the median kept, so drift hits all alike. Each packed member is checked equal to its solo
-run before anything is timed.
+Run: ``python -m benchmarks.bench_pack [--repeats N] [--points N] [--quick] [--queue]``.
+In-process: ``train_pack`` over the sweep against ``train`` of each point, on the same data,
+full batch and mini-batch (batch 32). With ``--queue`` also through the queue: a private
+redis-server, SQLite and one real ``lrq worker``, timed from ``lrq submit --grid … --wait`` to
+its exit, packed, ``--no-pack``, and one job of the sweep alone. Every variant of a row is
+timed in the same round, rounds interleaved, and the median kept, so drift hits all alike.
+Each packed member is checked equal to its solo run before anything is timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,11 +90,110 @@ def timed(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, flo
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def queue_seconds(spec: dict[str, Any], grid: str, *options: str) -> float:
+    """Seconds from ``lrq submit`` to the last job finished, with Redis, SQLite, one worker."""
+    home = Path(tempfile.mkdtemp(prefix="lrq-bench-pack-"))
+    port = _free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LRQ_HOME": str(home),
+        "LRQ_DATA_DIR": str(home),
+        "LRQ_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "LRQ_DATABASE_URL": f"sqlite:///{home / 'lrq.db'}",
+    }
+    lrq = [sys.executable, "-m", "service.cli"]
+    path = home / "spec.json"
+    path.write_text(json.dumps(spec))
+    subprocess.run([*lrq, "db", "upgrade"], env=env, check=True, capture_output=True)
+    log_path = home / "worker.log"
+    log = log_path.open("wb")
+    worker = subprocess.Popen(
+        [*lrq, "worker", "--concurrency=1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        while b" ready." not in log_path.read_bytes():
+            time.sleep(0.05)
+        began = time.perf_counter()
+        command = [*lrq, "submit", str(path), "--wait", "-q", *options]
+        if grid:
+            command += ["--grid", grid]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        return time.perf_counter() - began
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        log.close()
+        os.killpg(redis.pid, signal.SIGKILL)
+        redis.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def queue_rows(points: int, repeats: int, rows: int) -> None:
+    lrs = np.geomspace(1e-3, 0.3, points).tolist()
+    grid = "optimizer.lr=" + ",".join(repr(lr) for lr in lrs)
+    cases = [
+        ("full batch", {"epochs": 100}, 1.5),
+        ("mini-batch 32", {"epochs": 10, "batch_size": 32}, 4.0),
+    ]
+    print(
+        f"\n{points}-point lr sweep through the queue (Redis, SQLite, one worker), n = {rows:,},"
+        f" medians of {repeats}"
+    )
+    print("| case | one job | packed sweep | --no-pack | packed / one | target |")
+    print("|---|---|---|---|---|---|")
+    for label, fields, target in cases:
+        spec = {
+            "name": "bench-pack",
+            "data": {"synthetic": {"n_samples": rows, "n_features": 3, "noise_std": 0.1}},
+            "backend": "numpy",
+            "device": "cpu",
+            "loss": {"reduction": "mean"},
+            "optimizer": {"lr": lrs[-1]},
+            "dtype": "float64",
+            **fields,
+        }
+        medians = timed(
+            {
+                "one": lambda s=spec: queue_seconds(s, ""),
+                "packed": lambda s=spec: queue_seconds(s, grid),
+                "each": lambda s=spec: queue_seconds(s, grid, "--no-pack"),
+            },
+            repeats,
+        )
+        ratio = medians["packed"] / medians["one"]
+        print(
+            f"| {label} | {medians['one']:.2f} s | {medians['packed']:.2f} s "
+            f"| {medians['each']:.2f} s | {ratio:.2f}x "
+            f"| <= {target:g}x {'met' if ratio <= target else 'missed'} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--points", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="smaller data, fewer repeats")
+    parser.add_argument("--queue", action="store_true", help="also through Redis and a worker")
     args = parser.parse_args()
     full_rows, mini_rows = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
     repeats = 2 if args.quick else args.repeats
@@ -111,6 +221,8 @@ def main() -> None:
             f"| {medians['packed'] * 1e3:.1f} ms | {medians['each'] * 1e3:.1f} ms "
             f"| {ratio:.2f}x | <= {target:g}x {'met' if ratio <= target else 'missed'} |"
         )
+    if args.queue:
+        queue_rows(args.points, repeats, 10_000 if args.quick else 100_000)
 
 
 if __name__ == "__main__":
