@@ -101,18 +101,20 @@ def test_members_cancel_and_finish_alone(sqlite_cluster: Cluster) -> None:
     cluster = sqlite_cluster
     spec = training_spec("pack-lengths", epochs=100, n_samples=1000, batch_size=50)
     cluster.start_worker("a")
-    ids = submit_sweep(cluster, spec, "--grid", "epochs=100,400,100000")
-    holder = wait_packed(cluster, ids, epochs=20)
+    ids = submit_sweep(cluster, spec, "--grid", "epochs=100,400,1000000")
     short, medium, long = ids
-    assert cluster.wait_finished(short).state == "succeeded"
+    holder = cluster.wait_running(long, epochs=20).worker
+    for job_id in (short, medium):
+        assert cluster.wait_finished(job_id).state == "succeeded"
     assert cluster.job(long).state == "running" and cluster.job(long).worker == holder
     result = run_cli("cancel", long)
     assert result.exit_code == 0, result.output
     assert cluster.wait_finished(long).state == "cancelled"
     assert_members_as_solo(cluster, [short, medium])
-    cancelled = cluster.job(long)
-    done = cancelled.epochs_done
-    assert 0 < done < 100000
+    packs = {cluster.job(i).result["pack"]["id"] for i in ids}
+    assert len(packs) == 1 and cluster.job(long).result["pack"]["size"] == 3
+    done = cluster.job(long).epochs_done
+    assert 0 < done < 1000000
     assert [e for e, _, _ in cluster.history(long)] == list(range(1, done + 1))
 
 
