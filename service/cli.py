@@ -248,6 +248,12 @@ def _wait(job_ids: Sequence[str], url: str, timeout: float | None, quiet: bool) 
 @click.option("--wait", is_flag=True, help="Wait; exit 0 only if every job succeeded.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after N seconds.")
 @click.option("-q", "--quiet", is_flag=True, help="Print job ids only.")
+@click.option(
+    "--pack/--no-pack",
+    default=True,
+    show_default=True,
+    help="Let a worker train a sweep's jobs on the same data as one computation (exact).",
+)
 def submit(
     spec_file: str,
     overrides: tuple[str, ...],
@@ -256,6 +262,7 @@ def submit(
     wait: bool,
     timeout: float | None,
     quiet: bool,
+    pack: bool,
 ) -> None:
     """Validate a spec (or a sweep of it), record the jobs and queue them."""
     from service import dispatch, spec
@@ -276,6 +283,7 @@ def submit(
             session=session,
             gpu_live=lambda: gpu_worker_live(_app()),
             spec_dir=spec.spec_directory(spec_file),
+            pack=pack,
         )
         pairs = [(job.id, job.queue) for job in submission.jobs]
     ids = [job_id for job_id, _ in pairs]

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -117,8 +117,9 @@ def create_jobs(
     max_attempts: int,
     queue: str | None = None,
     sweep: tuple[dict[str, Any], list[str]] | None = None,
+    pack: bool = False,
 ) -> list[Job]:
-    """Insert queued jobs (and their sweep); publishing happens after the commit."""
+    """Insert queued jobs (and their sweep, packed or not); publishing happens after the commit."""
     now = utcnow()
     sweep_id = None
     if sweep is not None:
@@ -131,6 +132,7 @@ def create_jobs(
                 spec=json_safe(base),
                 grid=grid,
                 created_at=now,
+                pack=pack,
             )
         )
         session.flush()  # the sweep row must exist before jobs refer to it
@@ -267,6 +269,44 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
     )
 
 
+def claim_siblings(
+    job_id: str,
+    *,
+    session: Session,
+    worker: str,
+    lease_seconds: float,
+    limit: int,
+    fits: Callable[[dict[str, Any], str | None], bool],
+) -> list[Claim]:
+    """Claim up to ``limit`` queued jobs of ``job_id``'s packing sweep that ``fits`` accepts.
+
+    Each is claimed as ``claim_job`` claims one, with its own fenced attempt; a sibling taken
+    meanwhile by another worker is passed over.
+    """
+    sweep_id = session.scalar(
+        select(Job.sweep_id)
+        .join(Sweep, Sweep.id == Job.sweep_id)
+        .where((Job.id == job_id) & Sweep.pack.is_(True))
+    )
+    if sweep_id is None or limit <= 0:
+        return []
+    queued = session.execute(
+        select(Job.id, Job.spec, Job.dataset_id)
+        .where((Job.sweep_id == sweep_id) & (Job.state == "queued") & (Job.id != job_id))
+        .order_by(Job.created_at, Job.id)
+    ).all()
+    claims: list[Claim] = []
+    for sibling, spec, dataset_id in queued:
+        if len(claims) >= limit:
+            break
+        if not fits(spec, dataset_id):
+            continue
+        claim = claim_job(sibling, session=session, worker=worker, lease_seconds=lease_seconds)
+        if claim is not None:
+            claims.append(claim)
+    return claims
+
+
 def _fenced(job_id: str, attempt: int) -> Any:
     return (Job.id == job_id) & (Job.state == "running") & (Job.attempts == attempt)
 
@@ -281,32 +321,84 @@ def renew_lease(job_id: str, *, attempt: int, session: Session, lease_seconds: f
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def release_job(job_id: str, *, worker: str, session: Session) -> bool:
-    """Put a running job held by a (dead) worker back to queued, to be claimed again now."""
+def renew_leases(
+    held: Sequence[tuple[str, int]], *, session: Session, lease_seconds: float
+) -> list[str]:
+    """Extend the leases of many (job id, attempt) claims; returns the ids no longer held."""
+    return [
+        job_id
+        for job_id, attempt in held
+        if not renew_lease(job_id, attempt=attempt, session=session, lease_seconds=lease_seconds)
+    ]
+
+
+def _held_by(worker: str, session: Session) -> list[str]:
+    return list(
+        session.scalars(select(Job.id).where((Job.state == "running") & (Job.worker == worker)))
+    )
+
+
+def release_held(worker: str, *, session: Session) -> list[str]:
+    """Put every running job a (dead) process holds back to queued; returns their ids.
+
+    A process running a pack holds many jobs while its message names one: the others'
+    messages are spent, so they are marked unpublished for the reconciler to send again.
+    """
+    released = []
+    for job_id in _held_by(worker, session):
+        result = session.execute(
+            update(Job)
+            .where((Job.id == job_id) & (Job.state == "running") & (Job.worker == worker))
+            .values(state="queued", worker=None, lease_expires_at=None, published_at=None)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            released.append(job_id)
+    return released
+
+
+def fail_held(worker: str, *, error: str, session: Session) -> list[str]:
+    """Fail every running job a process holds (its time limit killed it); returns their ids."""
+    return [
+        job_id
+        for job_id in _held_by(worker, session)
+        if fail_job(job_id, error=error, worker=worker, session=session)
+    ]
+
+
+def release_job(job_id: str, *, worker: str, session: Session, unpublished: bool = False) -> bool:
+    """Put a running job held by a (dead) worker back to queued, to be claimed again now.
+
+    ``unpublished``: no message for it remains, so the reconciler is to send one.
+    """
+    values: dict[str, Any] = {"state": "queued", "worker": None, "lease_expires_at": None}
+    if unpublished:
+        values["published_at"] = None
     result = session.execute(
         update(Job)
         .where((Job.id == job_id) & (Job.state == "running") & (Job.worker == worker))
-        .values(state="queued", worker=None, lease_expires_at=None)
+        .values(**values)
     )
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def hand_back_job(job_id: str, *, attempt: int, session: Session) -> bool:
+def hand_back_job(
+    job_id: str, *, attempt: int, session: Session, unpublished: bool = False
+) -> bool:
     """Put a job this attempt checkpointed for its worker's shutdown back to queued.
 
     The attempt is not counted against the cap (a deploy is not the job's fault), while
     ``attempts`` itself never goes back, so the fence still tells this attempt from later ones.
+    ``unpublished``: no message for it remains, so the reconciler is to send one.
     """
-    result = session.execute(
-        update(Job)
-        .where(_fenced(job_id, attempt))
-        .values(
-            state="queued",
-            worker=None,
-            lease_expires_at=None,
-            attempts_at_retry=Job.attempts_at_retry + 1,
-        )
-    )
+    values: dict[str, Any] = {
+        "state": "queued",
+        "worker": None,
+        "lease_expires_at": None,
+        "attempts_at_retry": Job.attempts_at_retry + 1,
+    }
+    if unpublished:
+        values["published_at"] = None
+    result = session.execute(update(Job).where(_fenced(job_id, attempt)).values(**values))
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
 
@@ -418,6 +510,16 @@ def _unnest_epochs() -> Any:
     )
 
 
+@dataclass(frozen=True)
+class Recording:
+    """One claim's epochs since its last write, and the checkpoint they lead to."""
+
+    job_id: str
+    attempt: int
+    rows: Sequence[EpochRow]
+    checkpoint: dict[str, Any] | None
+
+
 class LeaseLostError(StateError):
     """Raised when a worker's attempt no longer owns its job (taken over after its lease lapsed)."""
 
@@ -454,6 +556,30 @@ def record_epochs(
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
     _upsert_epochs(job_id, rows, session)
     return Progress(cancel_requested=bool(cancel[0]))
+
+
+def record_many(
+    recordings: Sequence[Recording], *, session: Session, lease_seconds: float
+) -> dict[str, Progress | None]:
+    """``record_epochs`` for many claims in the caller's one transaction; None: lease lost.
+
+    A claim whose fence refuses writes nothing (its UPDATE matched no row), so the others'
+    writes stand.
+    """
+    out: dict[str, Progress | None] = {}
+    for r in recordings:
+        try:
+            out[r.job_id] = record_epochs(
+                r.job_id,
+                r.rows,
+                attempt=r.attempt,
+                checkpoint=r.checkpoint,
+                session=session,
+                lease_seconds=lease_seconds,
+            )
+        except LeaseLostError:
+            out[r.job_id] = None
+    return out
 
 
 def finish_job(

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -63,6 +64,8 @@ class Sweep(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     grid: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    #: Whether a worker may train this sweep's jobs on one dataset as one packed computation.
+    pack: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 class Dataset(Base):

@@ -148,6 +148,8 @@ _FIELDS: dict[str, tuple[Callable[[str], Any], Any, float | None, bool]] = {
     "visibility_timeout": (_number, 6 * 3600.0, 0, True),
     "record_every_epochs": (_integer, 50, 0, True),
     "record_every_seconds": (_number, 2.0, 0, True),
+    "pack_max_members": (_integer, 64, 0, True),
+    "pack_max_bytes": (_integer, 256 * 1024 * 1024, 0, True),
     "torch_threads": (_integer, 0, 0, False),
     "reconcile_interval": (_number, 30.0, 0, True),
     "auto_gpu_min_batch_elements": (_integer, 1_000_000, 0, True),
@@ -253,6 +255,10 @@ class Settings:
     #: Epoch rows are written (with a checkpoint) every N epochs or T seconds, whichever first.
     record_every_epochs: int
     record_every_seconds: float
+    #: A worker packing a sweep claims at most this many of its jobs (the one it was sent
+    #: included), and no more than fit in ``pack_max_bytes`` of members' own state.
+    pack_max_members: int
+    pack_max_bytes: int
     #: Torch threads per pool process; 0 shares the host's cores among the pool's processes.
     torch_threads: int
     #: Seconds between a worker's reconciler passes.

@@ -122,12 +122,14 @@ def submit(
     session: Session,
     gpu_live: Callable[[], bool] | None = None,
     spec_dir: Path | None = None,
+    pack: bool = True,
 ) -> Submission:
     """Validate everything, register data files, then insert the jobs (not yet published).
 
     ``gpu_live`` says whether a GPU worker is up; with it, ``device: auto`` jobs large enough
     to gain from a GPU go to the gpu queue. A relative ``data.path`` is taken from
-    ``spec_dir``, the spec file's directory."""
+    ``spec_dir``, the spec file's directory. ``pack``: a sweep's jobs that share their data
+    may be trained together, where that is exact (the worker decides which)."""
     document = spec.apply_overrides(document, overrides)
     specs = spec.expand(document, grid, max_points=settings.max_grid_points)
     if queue is not None:
@@ -145,6 +147,7 @@ def submit(
         max_attempts=settings.max_attempts,
         queue=queue,
         sweep=(document, list(grid)) if grid else None,
+        pack=pack,
     )
     if queue is None and gpu_live is not None:
         router = AutoRouter(gpu_live)

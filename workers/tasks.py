@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 
 from service import db, jobs
 from service.dispatch import publish_jobs, reconcile_once
-from service.errors import BrokerError, DataError, LrqError
+from service.errors import BrokerError, DataError, LrqError, StateError
 from service.models import Dataset, Job
 from service.settings import Settings
 from service.spec import JobSpec
@@ -191,6 +191,9 @@ def execute_job(job_id: str, settings: Settings) -> str:
     claim = with_db_retries(claim_it, what=f"job {job_id}: claim")
     if claim is None:
         return "skipped"
+    siblings = claim_pack_siblings(claim, settings)
+    if siblings:
+        return execute_pack([claim, *siblings], settings)
     recorder = Recorder(claim, settings)
     keeper = LeaseKeeper(claim, settings, recorder)
     keeper.start()
@@ -257,12 +260,291 @@ def execute_job(job_id: str, settings: Settings) -> str:
     return state
 
 
-def release_for_shutdown(claim: jobs.Claim, settings: Settings) -> str:
-    """Put a job this process checkpointed at shutdown back to queued; returns "released"."""
+# -- packs ----------------------------------------------------------------------------------
+
+_TIMED_OUT = "timed out: the soft time limit of {:g}s"
+
+
+def _pack_spec(claim: jobs.Claim) -> JobSpec | None:
+    """The claim's spec when it may run in a pack (the fused CPU engine would run it)."""
+    from workers.engines import _cuda_possible
+    from workers.engines.pack import packable
+
+    try:
+        spec = JobSpec.model_validate(claim.spec)
+    except (LrqError, ValueError):
+        return None
+    # A job that would run on this host's CUDA device runs alone, on it, as before.
+    return spec if packable(spec, cuda=_cuda_possible(spec)) else None
+
+
+def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Claim]:
+    """Claim the queued jobs of ``claim``'s packing sweep that can train with it, exactly."""
+    from workers.engines.pack import data_key, member_bytes
+
+    spec = _pack_spec(claim)
+    if spec is None or settings.pack_max_members < 2:
+        return []
+    key = data_key(claim.spec, claim.dataset_id)
+    synthetic = spec.data.synthetic
+    features = synthetic.n_features if synthetic is not None else len(spec.data.features or [1])
+    each = member_bytes(spec, features, settings.record_every_epochs)
+    room = min(settings.pack_max_members, settings.pack_max_bytes // each) - 1
+
+    def fits(raw: dict[str, Any], dataset_id: str | None) -> bool:
+        if data_key(raw, dataset_id) != key:
+            return False
+        sibling = jobs.Claim("", 0, raw, None, dataset_id)
+        return _pack_spec(sibling) is not None
+
+    def claim_them() -> list[jobs.Claim]:
+        with db.transaction(settings.resolved_database_url()) as session:
+            return jobs.claim_siblings(
+                claim.job_id,
+                session=session,
+                worker=jobs.worker_identity(),
+                lease_seconds=settings.lease_seconds,
+                limit=room,
+                fits=fits,
+            )
+
+    if room < 1:
+        return []
+    return with_db_retries(claim_them, what=f"job {claim.job_id}: claim its pack")
+
+
+class MemberRecorder:
+    """One pack member's unwritten epochs, its latest snapshot and what the database said."""
+
+    def __init__(self, claim: jobs.Claim) -> None:
+        self.claim = claim
+        self.pending: list[jobs.EpochRow] = []
+        self.snapshot: Callable[[], Checkpoint] | None = None
+        self.cancel_requested = False
+        self.lease_lost = False
+        self.released = False
+        self.done = False
+
+    def on_epoch(self, record: EpochRecord, snapshot: Callable[[], Checkpoint]) -> None:
+        if self.released or self.lease_lost:
+            return
+        self.pending.append(
+            jobs.EpochRow(record.epoch, record.train_loss, record.test_loss, record.seconds)
+        )
+        self.snapshot = snapshot
+
+    def should_stop(self) -> bool:
+        return self.cancel_requested or self.lease_lost or self.released
+
+
+class PackRecorder:
+    """Writes a whole pack's epochs and checkpoints in one transaction per flush."""
+
+    def __init__(self, claims: list[jobs.Claim], settings: Settings) -> None:
+        self.settings = settings
+        self.url = settings.resolved_database_url()
+        self.members = {c.job_id: MemberRecorder(c) for c in claims}
+        self.first = claims[0].job_id
+        self.last_flush = time.monotonic()
+        self.outcomes: dict[str, str] = {}
+
+    def live(self) -> list[MemberRecorder]:
+        return [m for m in self.members.values() if not (m.done or m.lease_lost)]
+
+    def after_chunk(self, finished: dict[str, RunResult], running: list[str]) -> None:
+        for job_id, run in finished.items():
+            self.finish(job_id, run.status, run.summary, None)
+        members = [self.members[job_id] for job_id in running]
+        due = any(len(m.pending) >= self.settings.record_every_epochs for m in members) or (
+            time.monotonic() - self.last_flush >= self.settings.record_every_seconds
+        )
+        if shutdown_requested.is_set():
+            self.flush(members)
+            for member in members:
+                member.released = not member.lease_lost
+        elif due:
+            self.flush(members)
+
+    def flush(self, members: list[MemberRecorder]) -> None:
+        members = [m for m in members if not (m.done or m.lease_lost or m.released)]
+        recordings = [
+            jobs.Recording(
+                m.claim.job_id,
+                m.claim.attempt,
+                list(m.pending),
+                None if m.snapshot is None else m.snapshot(),
+            )
+            for m in members
+        ]
+        if not recordings:
+            return
+
+        def write() -> dict[str, jobs.Progress | None]:
+            with db.transaction(self.url) as session:
+                return jobs.record_many(
+                    recordings, session=session, lease_seconds=self.settings.lease_seconds
+                )
+
+        progress = with_db_retries(write, what=f"pack of {len(recordings)}: record")
+        for member in members:
+            seen = progress[member.claim.job_id]
+            if seen is None:
+                member.lease_lost = True
+                self.outcomes[member.claim.job_id] = "lease lost"
+                continue
+            member.pending.clear()
+            member.cancel_requested = seen.cancel_requested
+        self.last_flush = time.monotonic()
+
+    def finish(
+        self, job_id: str, state: str, result: dict[str, Any] | None, error: str | None
+    ) -> None:
+        """Finish one member (or hand it back if the worker is shutting down)."""
+        member = self.members[job_id]
+        if member.done or member.lease_lost:
+            return
+        member.done = True
+        if member.released and state == "cancelled" and not member.cancel_requested:
+            # Only the message's job gets its message sent again at once; the reconciler
+            # sends the others'.
+            self.outcomes[job_id] = release_for_shutdown(
+                member.claim, self.settings, unpublished=job_id != self.first
+            )
+            return
+
+        def write() -> None:
+            with db.transaction(self.url) as session:
+                jobs.finish_job(
+                    job_id,
+                    attempt=member.claim.attempt,
+                    state=state,
+                    rows=member.pending,
+                    result=result,
+                    error=error,
+                    session=session,
+                )
+
+        try:
+            with_db_retries(write, what=f"job {job_id}: finish")
+        except jobs.LeaseLostError:
+            self.outcomes[job_id] = "lease lost"
+            return
+        except StateError as exc:
+            # Refused (e.g. an epoch row missing): the job stays running, its lease lapses
+            # and it resumes from its checkpoint; the other members carry on.
+            log.error("job %s: not finished (%s); left to be resumed", job_id, exc)
+            self.outcomes[job_id] = "not finished"
+            return
+        self.outcomes[job_id] = state
+
+
+class PackLeaseKeeper(threading.Thread):
+    """Renews every live member's lease in one transaction."""
+
+    def __init__(self, recorder: PackRecorder) -> None:
+        super().__init__(name="lease-pack", daemon=True)
+        self.recorder = recorder
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        settings = self.recorder.settings
+        while not self.stopped.wait(settings.lease_seconds / 3):
+            members = {m.claim.job_id: m for m in self.recorder.live()}
+            held = [(m.claim.job_id, m.claim.attempt) for m in members.values()]
+            try:
+                with db.transaction(self.recorder.url) as session:
+                    lost = jobs.renew_leases(
+                        held, session=session, lease_seconds=settings.lease_seconds
+                    )
+            except _TRANSIENT:
+                continue
+            for job_id in lost:
+                members[job_id].lease_lost = True
+
+
+def execute_pack(claims: list[jobs.Claim], settings: Settings) -> str:
+    """Run the claimed jobs of one sweep as a pack; returns the first (the message's) outcome."""
+    from workers.engines.pack import Member, train_pack
+
+    first = claims[0].job_id
+    pack_info = {"id": jobs.new_id(), "size": len(claims)}
+    recorder = PackRecorder(claims, settings)
+    keeper = PackLeaseKeeper(recorder)
+    keeper.start()
+    log.info("job %s: running in pack %s with %d jobs", first, pack_info["id"], len(claims))
+    error: str | None = None
+    unreachable = False
+    try:
+        members: list[Member] = []
+        for claim in claims:
+            member = recorder.members[claim.job_id]
+            try:
+                spec = JobSpec.model_validate(claim.spec)
+            except ValueError as exc:
+                recorder.finish(claim.job_id, "failed", None, f"spec: {exc}")
+                continue
+            members.append(
+                Member(claim.job_id, spec, claim.checkpoint, member.on_epoch, member.should_stop)
+            )
+        if members:
+            data = load_train_data(members[0].spec, claims[0].dataset_id, settings)
+
+            def after_chunk(finished: dict[str, RunResult], running: list[str]) -> None:
+                for run in finished.values():
+                    run.summary["pack"] = pack_info
+                recorder.after_chunk(finished, running)
+
+            packed = train_pack(
+                members,
+                data,
+                chunk_epochs=settings.record_every_epochs,
+                chunk_seconds=settings.record_every_seconds,
+                after_chunk=after_chunk,
+            )
+            for job_id, message in packed.errors.items():
+                recorder.finish(job_id, "failed", None, message)
+            for job_id, run in packed.results.items():
+                run.summary["pack"] = pack_info
+                recorder.finish(job_id, run.status, run.summary, None)
+    except SoftTimeLimitExceeded:
+        error = _TIMED_OUT.format(settings.soft_time_limit)
+    except LrqError as exc:
+        error = str(exc)
+    except _TRANSIENT as exc:
+        if isinstance(exc.orig, SoftTimeLimitExceeded):
+            error = _TIMED_OUT.format(settings.soft_time_limit)
+        else:
+            log.warning("pack %s: database unavailable (%s); leaving it", pack_info["id"], exc)
+            unreachable = True
+    except Exception as exc:
+        if isinstance(getattr(exc, "orig", None), SoftTimeLimitExceeded):
+            error = _TIMED_OUT.format(settings.soft_time_limit)
+        else:
+            log.exception("pack %s failed", pack_info["id"])
+            error = f"{type(exc).__name__}: {exc}"
+    finally:
+        keeper.stopped.set()
+    if unreachable:
+        return "database unavailable"
+    if error is not None:
+        for member in recorder.live():
+            recorder.finish(member.claim.job_id, "failed", None, error)
+    return recorder.outcomes.get(first, "lease lost")
+
+
+def release_for_shutdown(
+    claim: jobs.Claim, settings: Settings, *, unpublished: bool = False
+) -> str:
+    """Put a job this process checkpointed at shutdown back to queued; returns "released".
+
+    ``unpublished``: its message is spent (a pack member's), so the reconciler sends one.
+    """
 
     def release() -> bool:
         with db.transaction(settings.resolved_database_url()) as session:
-            return jobs.hand_back_job(claim.job_id, attempt=claim.attempt, session=session)
+            return jobs.hand_back_job(
+                claim.job_id, attempt=claim.attempt, session=session, unpublished=unpublished
+            )
 
     if not with_db_retries(release, what=f"job {claim.job_id}: release"):
         return "lease lost"
@@ -333,11 +615,11 @@ class JobRequest(Request):  # type: ignore[misc]
         if soft or job_id is None:
             return
         url = self.settings.resolved_database_url()
+        # Everything the killed process held: a pack's members as well as this message's job.
         with db.transaction(url) as session:
-            jobs.fail_job(
-                job_id,
+            jobs.fail_held(
+                self._holder(),
                 error=f"timed out: the hard time limit of {timeout:g}s",
-                worker=self._holder(),
                 session=session,
             )
 
@@ -347,10 +629,10 @@ class JobRequest(Request):  # type: ignore[misc]
         exc = getattr(exc_info.exception, "exc", exc_info.exception)
         job_id = _job_id(self)
         if isinstance(exc, WorkerLostError | SystemExit) and job_id and self.worker_pid:
-            # The process holding the lease is gone: free the job now, not when the lease
-            # lapses, so the requeued message can claim it at once.
+            # The process holding the leases is gone: free its jobs now (all of a pack's, found
+            # by holder), not when the leases lapse, so that they can be claimed at once.
             with db.transaction(self.settings.resolved_database_url()) as session:
-                jobs.release_job(job_id, worker=self._holder(), session=session)
+                jobs.release_held(self._holder(), session=session)
         return super().on_failure(exc_info, send_failed_event, return_ok)
 
 

@@ -100,6 +100,105 @@ class Progress:
         )
 
 
+class EpochRun:
+    """One run's epoch loop, advanced a chunk at a time by its caller (alone or in a pack)."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        data: TrainData,
+        engine: Engine,
+        *,
+        on_epoch: OnEpoch | None,
+        should_stop: ShouldStop | None,
+        resume: RunState | None,
+        setup_seconds: float = 0.0,
+    ) -> None:
+        self.spec, self.engine = spec, engine
+        self.on_epoch, self.should_stop = on_epoch, should_stop
+        progress = Progress(spec, engine, initial=engine.initial())
+        if resume is not None:
+            engine.restore(resume)
+            progress.initial = resume.initial
+            progress.epoch = resume.epoch
+            progress.best_loss = resume.best_loss
+            progress.train_seconds = resume.train_seconds
+        progress.train_seconds += setup_seconds
+        self.progress = progress
+        self.has_test = data.x_test is not None and data.y_test is not None
+        self.status: Status = "succeeded"
+        self.diverged_at: int | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.progress.epoch < self.spec.epochs and self.status == "succeeded"
+
+    @property
+    def remaining(self) -> int:
+        return self.spec.epochs - self.progress.epoch
+
+    def advance(self, count: int, *, shared_seconds: float = 0.0) -> float:
+        """Run up to ``count`` more epochs and report each; returns the seconds they took.
+
+        ``shared_seconds``: this run's share of work done for it elsewhere (a pack's passes).
+        """
+        spec, progress, engine = self.spec, self.progress, self.engine
+        count = min(count, self.remaining)
+        epochs = np.arange(progress.epoch + 1, progress.epoch + count + 1)
+        evaluate = np.zeros(count, dtype=bool)
+        if self.has_test:
+            evaluate = (epochs % spec.eval_every == 0) | (epochs == spec.epochs)
+        began = time.perf_counter()
+        chunk = engine.advance(progress.epoch, count, evaluate)
+        done = len(chunk.train_losses)
+        took = time.perf_counter() - began
+        per_epoch = (took + shared_seconds) / max(done, 1)
+        if chunk.diverged:
+            self.status, self.diverged_at = "diverged", progress.epoch + done + 1
+        losses, tests = chunk.train_losses.tolist(), chunk.test_losses.tolist()
+        for index in range(done):
+            progress.epoch += 1
+            progress.train_seconds += per_epoch
+            loss, test = losses[index], tests[index]
+            best = progress.best_loss
+            progress.best_loss = loss if best is None or loss < best else best
+            record = EpochRecord(progress.epoch, loss, None if test != test else test, per_epoch)
+            progress.history.append(record)
+            if self.on_epoch is not None:
+                self.on_epoch(record, _snapshotter(progress, engine, index))
+            # A run that has done all its epochs has succeeded, whatever arrives now.
+            if self.should_stop is not None and progress.epoch < spec.epochs and self.should_stop():
+                engine.keep(index)
+                # A divergence later in the chunk is past the epoch the run stops at.
+                self.status, self.diverged_at = "cancelled", None
+                break
+        return took
+
+    def result(self) -> RunResult:
+        """The run's status, the epochs run by this call and its summary."""
+        progress = self.progress
+        summary = self.engine.summary(self.status)
+        summary.epochs_done = progress.epoch
+        summary.train_loss = progress.history[-1].train_loss if progress.history else None
+        summary.best_loss = progress.best_loss
+        summary.initial_weights = progress.initial[0].tolist()
+        summary.initial_bias = progress.initial[1]
+        summary.train_seconds = progress.train_seconds
+        summary.diverged_at = self.diverged_at
+        return RunResult(self.status, progress.history, summary.to_json())
+
+
+def chunk_size(per_epoch: float | None, *, chunk_epochs: int, chunk_seconds: float) -> int:
+    """Epochs in the next chunk: one first, to time it; then as many as fit in the seconds."""
+    # Slow epochs make short chunks, so that a cancel or a lost lease is still seen within
+    # T seconds.
+    if per_epoch is None:
+        return 1
+    if per_epoch > 0:
+        return max(1, min(chunk_epochs, int(chunk_seconds / per_epoch)))
+    return chunk_epochs
+
+
 def run_epochs(
     spec: JobSpec,
     data: TrainData,
@@ -117,62 +216,22 @@ def run_epochs(
     ``setup_seconds`` (the engine's preparation: statistics passes, compilation) counts as
     training time.
     """
-    progress = Progress(spec, engine, initial=engine.initial())
-    if resume is not None:
-        engine.restore(resume)
-        progress.initial = resume.initial
-        progress.epoch = resume.epoch
-        progress.best_loss = resume.best_loss
-        progress.train_seconds = resume.train_seconds
-    progress.train_seconds += setup_seconds
-    has_test = data.x_test is not None and data.y_test is not None
-    status: Status = "succeeded"
-    diverged_at: int | None = None
+    run = EpochRun(
+        spec,
+        data,
+        engine,
+        on_epoch=on_epoch,
+        should_stop=should_stop,
+        resume=resume,
+        setup_seconds=setup_seconds,
+    )
     per_epoch: float | None = None
-    while progress.epoch < spec.epochs and status == "succeeded":
-        count = min(chunk_epochs, spec.epochs - progress.epoch)
-        # One epoch first, to time it: slow epochs make short chunks, so that a cancel or a
-        # lost lease is still seen within T seconds.
-        if per_epoch is None:
-            count = 1
-        elif per_epoch > 0:
-            count = max(1, min(count, int(chunk_seconds / per_epoch)))
-        epochs = np.arange(progress.epoch + 1, progress.epoch + count + 1)
-        evaluate = np.zeros(count, dtype=bool)
-        if has_test:
-            evaluate = (epochs % spec.eval_every == 0) | (epochs == spec.epochs)
-        began = time.perf_counter()
-        chunk = engine.advance(progress.epoch, count, evaluate)
-        done = len(chunk.train_losses)
-        seconds = time.perf_counter() - began
-        per_epoch = seconds / max(done, 1)
-        if chunk.diverged:
-            status, diverged_at = "diverged", progress.epoch + done + 1
-        losses, tests = chunk.train_losses.tolist(), chunk.test_losses.tolist()
-        for index in range(done):
-            progress.epoch += 1
-            progress.train_seconds += per_epoch
-            loss, test = losses[index], tests[index]
-            best = progress.best_loss
-            progress.best_loss = loss if best is None or loss < best else best
-            record = EpochRecord(progress.epoch, loss, None if test != test else test, per_epoch)
-            progress.history.append(record)
-            if on_epoch is not None:
-                on_epoch(record, _snapshotter(progress, engine, index))
-            # A run that has done all its epochs has succeeded, whatever arrives now.
-            if should_stop is not None and progress.epoch < spec.epochs and should_stop():
-                engine.keep(index)
-                status = "cancelled"
-                break
-    summary = engine.summary(status)
-    summary.epochs_done = progress.epoch
-    summary.train_loss = progress.history[-1].train_loss if progress.history else None
-    summary.best_loss = progress.best_loss
-    summary.initial_weights = progress.initial[0].tolist()
-    summary.initial_bias = progress.initial[1]
-    summary.train_seconds = progress.train_seconds
-    summary.diverged_at = diverged_at
-    return RunResult(status, progress.history, summary.to_json())
+    while run.running:
+        before = run.progress.epoch
+        count = chunk_size(per_epoch, chunk_epochs=chunk_epochs, chunk_seconds=chunk_seconds)
+        took = run.advance(count)
+        per_epoch = took / max(run.progress.epoch - before, 1)
+    return run.result()
 
 
 def _snapshotter(progress: Progress, engine: Engine, index: int) -> Callable[[], Checkpoint]:

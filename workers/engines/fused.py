@@ -33,6 +33,8 @@ ANCHOR_EPOCHS = 64
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: Losses above this are recomputed from the data: their overflow is decided as the loop decides.
 _NEAR_OVERFLOW = 1e300
+#: An empty order: rows in their stored order.
+_UNSHUFFLED = np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,13 @@ class FusedEngine:
     name = "fused"
     device = "cpu"
 
-    def __init__(self, spec: JobSpec, data: TrainData, stats: FitStatistics | None = None) -> None:
+    def __init__(
+        self,
+        spec: JobSpec,
+        data: TrainData,
+        stats: FitStatistics | None = None,
+        test_stats: FitStatistics | None = None,
+    ) -> None:
         self.spec = spec
         self.intercept = spec.model.fit_intercept
         self.x = np.ascontiguousarray(data.x, dtype=np.float64)
@@ -191,8 +199,8 @@ class FusedEngine:
         if stats is None:
             stats = fit_statistics(data.x, data.y, self.intercept, keep_residual=keep)
         self.stats = stats
-        self.test: FitStatistics | None = None
-        if data.x_test is not None and data.y_test is not None:
+        self.test: FitStatistics | None = test_stats
+        if test_stats is None and data.x_test is not None and data.y_test is not None:
             self.test = fit_statistics(data.x_test, data.y_test, self.intercept, shift=stats.shift)
         self.true_weights, self.true_bias = data.true_weights, data.true_bias
         self.divisor = float(self.rows) if spec.loss.reduction == "mean" else 1.0
@@ -286,7 +294,6 @@ class FusedEngine:
     def _advance_mini(self, start: int, count: int, evaluate: npt.NDArray[np.bool_]) -> Chunk:
         spec = self.spec
         batch_size = spec.batch_size or self.rows
-        unshuffled = np.empty(0, dtype=np.int64)
         params: list[Array] = []
         buffers: list[Array] = []
         train: list[float] = []
@@ -294,13 +301,8 @@ class FusedEngine:
         diverged = False
         for index in range(count):
             epoch = start + index + 1
-            order = (
-                epoch_order(self.rows, seed=spec.seed, epoch=epoch, shuffle=True)
-                if self.reshuffle
-                else unshuffled
-            )
             before = self.params.copy(), self.buffer.copy(), self.has_buffer
-            loss = self._epoch(order, batch_size) / self.divisor
+            loss = self._mini_epoch(epoch, batch_size) / self.divisor
             test_loss = np.nan
             if evaluate[index]:
                 test_loss = self._test_losses(self.params.reshape(1, -1))[0]
@@ -320,6 +322,15 @@ class FusedEngine:
             [None] * len(params),
         )
         return Chunk(np.asarray(train), np.asarray(test), diverged)
+
+    def _mini_epoch(self, epoch: int, batch_size: int) -> float:
+        """Mini-batch epoch ``epoch`` in its batch order; its summed squared error."""
+        order = (
+            epoch_order(self.rows, seed=self.spec.seed, epoch=epoch, shuffle=True)
+            if self.reshuffle
+            else _UNSHUFFLED
+        )
+        return self._epoch(order, batch_size)
 
     def _epoch(self, order: npt.NDArray[np.int64], batch_size: int) -> float:
         """One mini-batch epoch over ``order`` (empty: stored order); its summed squared error."""

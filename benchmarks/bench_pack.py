@@ -1,0 +1,229 @@
+"""A 64-point learning-rate sweep packed, against one of its jobs alone and all 64 one by one.
+
+Run: ``python -m benchmarks.bench_pack [--repeats N] [--points N] [--quick] [--queue]``.
+In-process: ``train_pack`` over the sweep against ``train`` of each point, on the same data,
+full batch and mini-batch (batch 32). With ``--queue`` also through the queue: a private
+redis-server, SQLite and one real ``lrq worker``, timed from ``lrq submit --grid … --wait`` to
+its exit, packed, ``--no-pack``, and one job of the sweep alone. Every variant of a row is
+timed in the same round, rounds interleaved, and the median kept, so drift hits all alike.
+Each packed member is checked equal to its solo run before anything is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.spec import JobSpec
+from workers.engines import train
+from workers.engines.base import TrainData
+from workers.engines.pack import Member, train_pack
+
+
+def make_data(n: int, d: int) -> TrainData:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d))
+    y = x @ np.arange(1.0, d + 1) + 3 + 0.1 * rng.normal(size=n)
+    return TrainData(x, y)
+
+
+def sweep(data: TrainData, points: int, **fields: Any) -> list[JobSpec]:
+    n, d = data.x.shape
+    # Every point converges (a diverging one spends its time finding where, alone or packed).
+    return [
+        JobSpec.model_validate(
+            {
+                "data": {"synthetic": {"n_samples": n, "n_features": d}},
+                "optimizer": {"lr": lr},
+                "loss": {"reduction": "mean"},
+                "dtype": "float64",
+                **fields,
+            }
+        )
+        for lr in np.geomspace(1e-3, 0.3, points).tolist()
+    ]
+
+
+def solo(spec: JobSpec, data: TrainData) -> Callable[[], Any]:
+    return lambda: train(spec, data)
+
+
+def packed(specs: list[JobSpec], data: TrainData) -> Callable[[], Any]:
+    members = [Member(str(i), s) for i, s in enumerate(specs)]
+    return lambda: train_pack(members, data, chunk_epochs=50, chunk_seconds=2.0)
+
+
+def one_by_one(specs: list[JobSpec], data: TrainData) -> Callable[[], Any]:
+    return lambda: [train(s, data) for s in specs]
+
+
+def check(specs: list[JobSpec], data: TrainData) -> None:
+    result = train_pack(
+        [Member(str(i), s) for i, s in enumerate(specs)], data, chunk_epochs=50, chunk_seconds=2
+    )
+    for i, spec in enumerate(specs):
+        if result.results[str(i)].losses != train(spec, data).losses:
+            raise SystemExit(f"point {i}: the packed history differs from the solo run")
+
+
+def timed(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            began = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def queue_seconds(spec: dict[str, Any], grid: str, *options: str) -> float:
+    """Seconds from ``lrq submit`` to the last job finished, with Redis, SQLite, one worker."""
+    home = Path(tempfile.mkdtemp(prefix="lrq-bench-pack-"))
+    port = _free_port()
+    redis = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "LRQ_HOME": str(home),
+        "LRQ_DATA_DIR": str(home),
+        "LRQ_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+        "LRQ_DATABASE_URL": f"sqlite:///{home / 'lrq.db'}",
+    }
+    lrq = [sys.executable, "-m", "service.cli"]
+    path = home / "spec.json"
+    path.write_text(json.dumps(spec))
+    subprocess.run([*lrq, "db", "upgrade"], env=env, check=True, capture_output=True)
+    log_path = home / "worker.log"
+    log = log_path.open("wb")
+    worker = subprocess.Popen(
+        [*lrq, "worker", "--concurrency=1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        while b" ready." not in log_path.read_bytes():
+            time.sleep(0.05)
+        began = time.perf_counter()
+        command = [*lrq, "submit", str(path), "--wait", "-q", *options]
+        if grid:
+            command += ["--grid", grid]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        return time.perf_counter() - began
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        log.close()
+        os.killpg(redis.pid, signal.SIGKILL)
+        redis.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def queue_rows(points: int, repeats: int, rows: int) -> None:
+    lrs = np.geomspace(1e-3, 0.3, points).tolist()
+    grid = "optimizer.lr=" + ",".join(repr(lr) for lr in lrs)
+    cases = [
+        ("full batch", {"epochs": 100}, 1.5),
+        ("mini-batch 32", {"epochs": 10, "batch_size": 32}, 4.0),
+    ]
+    print(
+        f"\n{points}-point lr sweep through the queue (Redis, SQLite, one worker), n = {rows:,},"
+        f" medians of {repeats}"
+    )
+    print("| case | one job | packed sweep | --no-pack | packed / one | target |")
+    print("|---|---|---|---|---|---|")
+    for label, fields, target in cases:
+        spec = {
+            "name": "bench-pack",
+            "data": {"synthetic": {"n_samples": rows, "n_features": 3, "noise_std": 0.1}},
+            "backend": "numpy",
+            "device": "cpu",
+            "loss": {"reduction": "mean"},
+            "optimizer": {"lr": lrs[-1]},
+            "dtype": "float64",
+            **fields,
+        }
+        medians = timed(
+            {
+                "one": lambda s=spec: queue_seconds(s, ""),
+                "packed": lambda s=spec: queue_seconds(s, grid),
+                "each": lambda s=spec: queue_seconds(s, grid, "--no-pack"),
+            },
+            repeats,
+        )
+        ratio = medians["packed"] / medians["one"]
+        print(
+            f"| {label} | {medians['one']:.2f} s | {medians['packed']:.2f} s "
+            f"| {medians['each']:.2f} s | {ratio:.2f}x "
+            f"| <= {target:g}x {'met' if ratio <= target else 'missed'} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--points", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="smaller data, fewer repeats")
+    parser.add_argument("--queue", action="store_true", help="also through Redis and a worker")
+    args = parser.parse_args()
+    full_rows, mini_rows = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
+    repeats = 2 if args.quick else args.repeats
+    rows = [
+        ("full batch", make_data(full_rows, 3), {"epochs": 100}, (1.5,)),
+        ("mini-batch 32", make_data(mini_rows, 3), {"epochs": 10, "batch_size": 32}, (4.0,)),
+    ]
+    print(f"{args.points}-point lr sweep, in-process, medians of {repeats}")
+    print("| case | n | epochs | one job | packed sweep | one by one | packed / one | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, data, fields, (target,) in rows:
+        specs = sweep(data, args.points, **fields)
+        check(specs, data)
+        medians = timed(
+            {
+                "one": solo(specs[-1], data),
+                "packed": packed(specs, data),
+                "each": one_by_one(specs, data),
+            },
+            repeats,
+        )
+        ratio = medians["packed"] / medians["one"]
+        print(
+            f"| {label} | {len(data.y):,} | {fields['epochs']} | {medians['one'] * 1e3:.1f} ms "
+            f"| {medians['packed'] * 1e3:.1f} ms | {medians['each'] * 1e3:.1f} ms "
+            f"| {ratio:.2f}x | <= {target:g}x {'met' if ratio <= target else 'missed'} |"
+        )
+    if args.queue:
+        queue_rows(args.points, repeats, 10_000 if args.quick else 100_000)
+
+
+if __name__ == "__main__":
+    main()

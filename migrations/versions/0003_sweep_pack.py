@@ -1,0 +1,28 @@
+"""Sweeps say whether their jobs may run packed.
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0003"
+down_revision: str | None = "0002"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("sweeps", schema=None) as batch_op:
+        # Sweeps made before packing ran their jobs one by one.
+        batch_op.add_column(
+            sa.Column("pack", sa.Boolean(), server_default=sa.false(), nullable=False)
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("sweeps", schema=None) as batch_op:
+        batch_op.drop_column("pack")
