@@ -177,6 +177,8 @@ class Claim:
     spec: dict[str, Any]
     checkpoint: dict[str, Any] | None
     dataset_id: str | None
+    #: The job's sweep (None for a job submitted alone, which never packs).
+    sweep_id: str | None = None
 
 
 def _holder_is_dead_here(worker: str | None) -> bool:
@@ -214,7 +216,7 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
             lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
             started_at=func.coalesce(Job.started_at, now),
         )
-        .returning(Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id)
+        .returning(Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id, Job.sweep_id)
         .execution_options(synchronize_session=False)
     ).first()
     if taken is not None:
@@ -224,6 +226,7 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
             spec=taken.spec,
             checkpoint=taken.checkpoint,
             dataset_id=taken.dataset_id,
+            sweep_id=taken.sweep_id,
         )
     job = session.get(Job, job_id)
     if job is None:
@@ -236,6 +239,7 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
         return None  # running elsewhere under a live lease, or finished: a duplicate message
     # Read before the UPDATEs: the session synchronises ``job`` with what they write.
     seen, spec, checkpoint, dataset_id = job.attempts, job.spec, job.checkpoint, job.dataset_id
+    sweep_id = job.sweep_id
     since_retry = seen - job.attempts_at_retry
     fence = (Job.id == job_id) & (Job.state == job.state) & (Job.attempts == seen)
     if since_retry >= job.max_attempts:
@@ -265,7 +269,12 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         return None
     return Claim(
-        job_id=job_id, attempt=seen + 1, spec=spec, checkpoint=checkpoint, dataset_id=dataset_id
+        job_id=job_id,
+        attempt=seen + 1,
+        spec=spec,
+        checkpoint=checkpoint,
+        dataset_id=dataset_id,
+        sweep_id=sweep_id,
     )
 
 

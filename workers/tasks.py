@@ -282,8 +282,10 @@ def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Clai
     """Claim the queued jobs of ``claim``'s packing sweep that can train with it, exactly."""
     from workers.engines.pack import data_key, member_bytes
 
+    if claim.sweep_id is None or settings.pack_max_members < 2:
+        return []  # a job submitted alone: no siblings to ask the database for
     spec = _pack_spec(claim)
-    if spec is None or settings.pack_max_members < 2:
+    if spec is None:
         return []
     key = data_key(claim.spec, claim.dataset_id)
     synthetic = spec.data.synthetic
