@@ -353,3 +353,30 @@ def test_default_engine_numbers_do_not_depend_on_the_thread_count() -> None:
     one, two = (json.loads(out) for out in runs)
     assert [run[0] for run in one] == ["fused", "fused"]
     assert one == two
+
+
+@pytest.mark.parametrize("epochs", [42, 43])
+@pytest.mark.parametrize("chunk", [1, 5, 20])
+def test_fused_torch_code_diverges_at_the_loops_epoch_near_overflow(
+    epochs: int, chunk: int
+) -> None:
+    """One-row batches stepped past stability: the epoch losses climb to about 1e305, where the
+    expanded quadratic form overflows an epoch before the loop's sums of squares do."""
+    spec = JobSpec.model_validate(
+        {
+            "data": {"synthetic": {"n_samples": 2, "n_features": 1, "seed": 0}},
+            "backend": "torch",
+            "model": {"fit_intercept": True, "init": "zeros"},
+            "optimizer": {"lr": 64.93219917042357, "weight_decay": 0.0546875},
+            "epochs": epochs,
+            "batch_size": 1,
+            "shuffle": False,
+            "dtype": "float64",
+        }
+    )
+    data = TrainData(
+        x=np.array([[-1.19684572], [0.43906364]]), y=np.array([-5.24251455, 0.75500231])
+    )
+    loop = train(spec.model_copy(update={"engine": "loop"}), data)
+    assert loop.status == ("succeeded" if epochs == 42 else "diverged")
+    assert_same_run(loop, train_on_torch(spec, data, "cpu", chunk), 1e-9)

@@ -16,7 +16,7 @@ import torch
 
 from service.spec import JobSpec
 from workers.engines.base import Array, TrainData
-from workers.engines.fused import FitStatistics, FusedEngine, _least_squares
+from workers.engines.fused import _NEAR_OVERFLOW, FitStatistics, FusedEngine, _least_squares
 from workers.engines.torch_engine import resolve_device
 
 
@@ -145,10 +145,27 @@ class TorchFusedEngine(FusedEngine):
         before = torch.cat([state.reshape(1, -1), after[:-1]])
         delta = before[:, :width]
         quadratic = torch.einsum("bi,bij,bj->b", delta, gram, delta)
-        sse = (square + quadratic - 2.0 * (delta * cross).sum(1)).sum()
+        sse = float((square + quadratic - 2.0 * (delta * cross).sum(1)).sum().item())
+        if not abs(sse) <= _NEAR_OVERFLOW:
+            # Near overflow the expanded form can overflow where the loop's sums of squared
+            # residuals do not (or the reverse): sum those, batch after batch, as the loop does.
+            sse = _direct_sse(rows, residual, delta, batch_size)
         end = after[-1].cpu().numpy()
         self.params = self.stats.shift + end[:width]
         if self.has_momentum:
             self.buffer = end[width : 2 * width].copy()
             self.has_buffer = True
-        return float(sse.item())
+        return sse
+
+
+def _direct_sse(
+    rows: torch.Tensor, targets: torch.Tensor, deltas: torch.Tensor, batch_size: int
+) -> float:
+    """An epoch's summed squared error from each batch's residuals at its own parameters."""
+    total = 0.0
+    with np.errstate(all="ignore"):
+        for index, start in enumerate(range(0, len(rows), batch_size)):
+            block = slice(start, start + batch_size)
+            residual = rows[block] @ deltas[index] - targets[block]
+            total += float((residual @ residual).item())
+    return total
