@@ -146,7 +146,7 @@ def test_cut_link_gets_the_job_reclaimed_by_the_other_host(
             cluster.start_worker(
                 f"host{index}", netns=namespace, env={"LRQ_RECORD_EVERY_EPOCHS": "1"}
             )
-        spec = training_spec("link-cut", epochs=1500)
+        spec = training_spec("link-cut", epochs=10_000)
         job_id = cluster.submit(spec)
         job = cluster.wait_running(job_id, epochs=100)
         holder = int(job.worker.rpartition(":")[2])

@@ -39,7 +39,7 @@ def test_broker_losing_its_messages_is_reconciled(
     try:
         cluster = make_cluster(pg_url, own_redis.url)
         worker = cluster.start_worker("a")
-        specs = [training_spec(f"broker-{fault}-{i}", epochs=1500) for i in range(3)]
+        specs = [training_spec(f"broker-{fault}-{i}", epochs=10_000) for i in range(3)]
         job_ids = [cluster.submit(spec) for spec in specs]
         cluster.wait_running(job_ids[0], epochs=50)
         if fault == "restart":
@@ -124,7 +124,7 @@ def test_database_outage_while_recording(
             redis_url,
         )
         cluster.inspect_url = pg_url
-    spec = training_spec(f"database-{outage}", epochs=2500)
+    spec = training_spec(f"database-{outage}", epochs=20_000)
     cluster.start_worker("a")
     job_id = cluster.submit(spec)
     cluster.wait_running(job_id, epochs=100)
@@ -164,7 +164,7 @@ def test_a_database_outage_longer_than_any_retry_window_fails_no_job(
         redis_url,
     )
     cluster.inspect_url = pg_url
-    spec = training_spec("database-long-outage", epochs=2500)
+    spec = training_spec("database-long-outage", epochs=20_000)
     cluster.start_worker("a", env={"LRQ_LEASE_SECONDS": str(LONG_OUTAGE_SECONDS * 3)})
     job_id = cluster.submit(spec)
     cluster.wait_running(job_id, epochs=100)

@@ -30,7 +30,9 @@ def holder_of(cluster: Cluster, job_id: str) -> int:
 
 def test_pool_process_killed_mid_run_resumes_from_its_checkpoint(sqlite_cluster: Cluster) -> None:
     cluster = sqlite_cluster
-    spec = training_spec("pool-killed", epochs=400, backend="torch", n_samples=1000, batch_size=50)
+    spec = training_spec(
+        "pool-killed", epochs=20_000, backend="torch", n_samples=1000, batch_size=50
+    )
     worker = cluster.start_worker("a")
     job_id = cluster.submit(spec)
     cluster.wait_running(job_id, epochs=50, timeout=90)
@@ -50,7 +52,7 @@ def test_pool_process_killed_mid_run_resumes_from_its_checkpoint(sqlite_cluster:
 
 def test_whole_worker_killed_the_other_finishes_after_the_lease(pg_cluster: Cluster) -> None:
     cluster = pg_cluster
-    spec = training_spec("worker-killed", epochs=2500)
+    spec = training_spec("worker-killed", epochs=20_000)
     cluster.start_worker("a")
     cluster.start_worker("b")
     job_id = cluster.submit(spec)
@@ -152,7 +154,7 @@ def test_sigterm_mid_job_loses_nothing(sqlite_cluster: Cluster, target: str) -> 
     """A deploy's SIGTERM: to the main process (docker stop) or every process of the worker
     (systemd's default); the job is finished there or goes back and a new worker finishes it."""
     cluster = sqlite_cluster
-    spec = training_spec(f"sigterm-{target}", epochs=2500)
+    spec = training_spec(f"sigterm-{target}", epochs=20_000)
     old = cluster.start_worker("old")
     job_id = cluster.submit(spec)
     cluster.wait_running(job_id, epochs=100)
