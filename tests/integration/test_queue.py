@@ -31,8 +31,9 @@ TORCH_SPEC = str(ROOT / "examples" / "tutorial_torch.yaml")
 NUMPY_SPEC = str(ROOT / "examples" / "tutorial_numpy.yaml")
 SWEEP_SPEC = str(ROOT / "examples" / "sweep.yaml")
 STATUS_HEADER = ["ID", "NAME", "BACKEND", "DEVICE", "STATE", "EPOCH", "LAST_LOSS", "WORKER", "AGE"]
-#: The sweep example made long enough to cancel while it runs: 235 batches an epoch, 400 epochs.
-LONG = ("--set", "data.synthetic.n_samples=40000", "--set", "epochs=400")
+#: The sweep example made long enough to cancel while it runs: 235 batches an epoch, 400 epochs,
+#: on the reference loop (the fused engine would finish before it could be seen running).
+LONG = ("--set", "data.synthetic.n_samples=40000", "--set", "epochs=400", "--set", "engine=loop")
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from tests.support import WorkerProcess, load_jobs, run_cli, submit_ids, wait_jo
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP_SPEC = str(ROOT / "examples" / "sweep.yaml")
 #: About a hundredth of a second an epoch: long enough to be seen running.
-SLOW = ("--set", "data.synthetic.n_samples=20000", "--set", "batch_size=16")
+SLOW = ("--set", "data.synthetic.n_samples=20000", "--set", "batch_size=16", "--set", "engine=loop")
 LRS = [1e-2, 1e-3, 3e-3]
 BATCHES = [256, 32]
 
