@@ -1,6 +1,8 @@
 """A 64-point learning-rate sweep packed, against one of its jobs alone and all 64 one by one.
 
-Run: ``python -m benchmarks.bench_pack [--repeats N] [--points N] [--quick] [--queue]``.
+Run: ``python -m benchmarks.bench_pack [--repeats N] [--points N] [--quick] [--queue]
+[--device cpu|cuda]``. With ``--device`` the pack runs as stacked tensors on that torch device
+and each job alone on the fused engine's torch code there (the CUDA path).
 In-process: ``train_pack`` over the sweep against ``train`` of each point, on the same data,
 full batch and mini-batch (batch 32). With ``--queue`` also through the queue: a private
 redis-server, SQLite and one real ``lrq worker``, timed from ``lrq submit --grid … --wait`` to
@@ -58,25 +60,57 @@ def sweep(data: TrainData, points: int, **fields: Any) -> list[JobSpec]:
     ]
 
 
-def solo(spec: JobSpec, data: TrainData) -> Callable[[], Any]:
-    return lambda: train(spec, data)
+def alone(spec: JobSpec, data: TrainData, device: str | None) -> Any:
+    if device is None:
+        return train(spec, data)
+    import torch
 
+    from workers.engines.epochs import run_epochs
+    from workers.engines.fused_torch import TorchFusedEngine
 
-def packed(specs: list[JobSpec], data: TrainData) -> Callable[[], Any]:
-    members = [Member(str(i), s) for i, s in enumerate(specs)]
-    return lambda: train_pack(members, data, chunk_epochs=50, chunk_seconds=2.0)
-
-
-def one_by_one(specs: list[JobSpec], data: TrainData) -> Callable[[], Any]:
-    return lambda: [train(s, data) for s in specs]
-
-
-def check(specs: list[JobSpec], data: TrainData) -> None:
-    result = train_pack(
-        [Member(str(i), s) for i, s in enumerate(specs)], data, chunk_epochs=50, chunk_seconds=2
+    engine = TorchFusedEngine(spec, data, device=torch.device(device))
+    return run_epochs(
+        spec,
+        data,
+        engine,
+        on_epoch=None,
+        should_stop=None,
+        resume=None,
+        chunk_epochs=50,
+        chunk_seconds=2.0,
     )
+
+
+def solo(spec: JobSpec, data: TrainData, device: str | None) -> Callable[[], Any]:
+    return lambda: alone(spec, data, device)
+
+
+def run_packed(specs: list[JobSpec], data: TrainData, device: str | None) -> Any:
+    where = None
+    if device is not None:
+        import torch
+
+        where = torch.device(device)
+    members = [Member(str(i), s) for i, s in enumerate(specs)]
+    return train_pack(members, data, chunk_epochs=50, chunk_seconds=2.0, device=where)
+
+
+def packed(specs: list[JobSpec], data: TrainData, device: str | None) -> Callable[[], Any]:
+    return lambda: run_packed(specs, data, device)
+
+
+def one_by_one(specs: list[JobSpec], data: TrainData, device: str | None) -> Callable[[], Any]:
+    return lambda: [alone(s, data, device) for s in specs]
+
+
+def check(specs: list[JobSpec], data: TrainData, device: str | None) -> None:
+    """Each packed member's history is its solo run's: the same bits on the compiled kernels,
+    within 1e-12 relative on a torch device (batched products round differently)."""
+    result = run_packed(specs, data, device)
     for i, spec in enumerate(specs):
-        if result.results[str(i)].losses != train(spec, data).losses:
+        mine, theirs = result.results[str(i)].losses, alone(spec, data, device).losses
+        same = mine == theirs if device is None else np.allclose(mine, theirs, rtol=1e-12, atol=0)
+        if not same:
             raise SystemExit(f"point {i}: the packed history differs from the solo run")
 
 
@@ -194,24 +228,27 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="smaller data, fewer repeats")
     parser.add_argument("--queue", action="store_true", help="also through Redis and a worker")
+    parser.add_argument("--device", help="a torch device (cuda, cpu): the device pack")
     args = parser.parse_args()
+    device = args.device
     full_rows, mini_rows = (100_000, 10_000) if args.quick else (1_000_000, 100_000)
     repeats = 2 if args.quick else args.repeats
     rows = [
         ("full batch", make_data(full_rows, 3), {"epochs": 100}, (1.5,)),
         ("mini-batch 32", make_data(mini_rows, 3), {"epochs": 10, "batch_size": 32}, (4.0,)),
     ]
-    print(f"{args.points}-point lr sweep, in-process, medians of {repeats}")
+    where = "compiled CPU kernels" if device is None else f"torch on {device}"
+    print(f"{args.points}-point lr sweep, in-process ({where}), medians of {repeats}")
     print("| case | n | epochs | one job | packed sweep | one by one | packed / one | target |")
     print("|---|---|---|---|---|---|---|---|")
     for label, data, fields, (target,) in rows:
         specs = sweep(data, args.points, **fields)
-        check(specs, data)
+        check(specs, data, device)
         medians = timed(
             {
-                "one": solo(specs[-1], data),
-                "packed": packed(specs, data),
-                "each": one_by_one(specs, data),
+                "one": solo(specs[-1], data, device),
+                "packed": packed(specs, data, device),
+                "each": one_by_one(specs, data, device),
             },
             repeats,
         )

@@ -266,7 +266,7 @@ _TIMED_OUT = "timed out: the soft time limit of {:g}s"
 
 
 def _pack_spec(claim: jobs.Claim) -> JobSpec | None:
-    """The claim's spec when it may run in a pack (the fused CPU engine would run it)."""
+    """The claim's spec when it may run in a pack (the fused engine would run it)."""
     from workers.engines import _cuda_possible
     from workers.engines.pack import packable
 
@@ -274,7 +274,6 @@ def _pack_spec(claim: jobs.Claim) -> JobSpec | None:
         spec = JobSpec.model_validate(claim.spec)
     except (LrqError, ValueError):
         return None
-    # A job that would run on this host's CUDA device runs alone, on it, as before.
     return spec if packable(spec, cuda=_cuda_possible(spec)) else None
 
 
@@ -466,7 +465,8 @@ class PackLeaseKeeper(threading.Thread):
 
 def execute_pack(claims: list[jobs.Claim], settings: Settings) -> str:
     """Run the claimed jobs of one sweep as a pack; returns the first (the message's) outcome."""
-    from workers.engines.pack import Member, train_pack
+    from workers.engines import _cuda_possible
+    from workers.engines.pack import Member, pack_place, train_pack
 
     first = claims[0].job_id
     pack_info = {"id": jobs.new_id(), "size": len(claims)}
@@ -489,7 +489,13 @@ def execute_pack(claims: list[jobs.Claim], settings: Settings) -> str:
                 Member(claim.job_id, spec, claim.checkpoint, member.on_epoch, member.should_stop)
             )
         if members:
-            data = load_train_data(members[0].spec, claims[0].dataset_id, settings)
+            lead = members[0].spec
+            data = load_train_data(lead, claims[0].dataset_id, settings)
+            device = None
+            if pack_place(lead, cuda=_cuda_possible(lead)) == "device":
+                from workers.engines.torch_engine import resolve_device
+
+                device = resolve_device(lead.device)  # a CUDA pack: stacked tensors there
 
             def after_chunk(finished: dict[str, RunResult], running: list[str]) -> None:
                 for run in finished.values():
@@ -502,6 +508,7 @@ def execute_pack(claims: list[jobs.Claim], settings: Settings) -> str:
                 chunk_epochs=settings.record_every_epochs,
                 chunk_seconds=settings.record_every_seconds,
                 after_chunk=after_chunk,
+                device=device,
             )
             for job_id, message in packed.errors.items():
                 recorder.finish(job_id, "failed", None, message)

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,9 @@ from tests.unit.test_engines import (
 )
 from workers.engines import train
 from workers.engines.base import Checkpoint, RunResult, TrainData
-from workers.engines.pack import Member, data_key, packable, train_pack
+from workers.engines.epochs import run_epochs
+from workers.engines.fused_torch import TorchFusedEngine
+from workers.engines.pack import Member, data_key, pack_place, packable, train_pack
 
 #: The issue's bound; the pack computes each member's own operations, so it is met with room.
 REL = 1e-12
@@ -87,7 +90,11 @@ def packs(draw: st.DrawFn) -> tuple[TrainData, list[JobSpec], list[int | None]]:
 
 
 def run_pack(
-    data: TrainData, specs: list[JobSpec], cancels: list[int | None], chunk: int
+    data: TrainData,
+    specs: list[JobSpec],
+    cancels: list[int | None],
+    chunk: int,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, RunResult], dict[str, list[Checkpoint]]]:
     kept: dict[str, list[Checkpoint]] = {str(i): [] for i in range(len(specs))}
     members = [
@@ -99,7 +106,7 @@ def run_pack(
         )
         for i, (spec, cancel) in enumerate(zip(specs, cancels, strict=True))
     ]
-    result = train_pack(members, data, chunk_epochs=chunk, chunk_seconds=60.0)
+    result = train_pack(members, data, chunk_epochs=chunk, chunk_seconds=60.0, device=device)
     assert result.errors == {}
     return result.results, kept
 
@@ -192,15 +199,18 @@ def test_a_member_refused_before_training_fails_alone() -> None:
     assert result.results["good"].losses == train(good, data).losses
 
 
-def test_only_fused_cpu_runs_pack_and_the_data_key_names_what_the_arrays_depend_on() -> None:
+def test_only_the_fused_engine_packs_and_the_data_key_names_what_the_arrays_depend_on() -> None:
     rng = np.random.default_rng(6)
     data = make_data(rng, 40, 2)
     spec = make_spec(data)
-    assert packable(spec)
+    assert packable(spec) and pack_place(spec, cuda=False) == "cpu"
     assert not packable(spec.model_copy(update={"engine": "loop"}))
-    # Where the spec would run on a CUDA device, it runs alone there.
-    assert not packable(spec.model_copy(update={"device": "auto"}), cuda=True)
-    assert packable(spec.model_copy(update={"device": "cpu"}), cuda=True)
+    # Where the spec would run on a CUDA device, its pack runs there, as stacked tensors.
+    on_gpu = spec.model_copy(update={"device": "auto"})
+    assert packable(on_gpu, cuda=True) and pack_place(on_gpu, cuda=True) == "device"
+    assert pack_place(on_gpu, cuda=False) == "cpu"
+    pinned = spec.model_copy(update={"device": "cpu"})
+    assert packable(pinned, cuda=True) and pack_place(pinned, cuda=True) == "cpu"
     document = spec.to_json()
     other_seed = {**document, "seed": document["seed"] + 1, "optimizer": {"lr": 0.5}}
     assert data_key(document, None) == data_key(other_seed, None)
@@ -221,3 +231,117 @@ def test_a_cancel_before_a_divergence_later_in_the_same_chunk_is_a_cancel() -> N
     assert [r.epoch for r in stopped.history] == [1, 2]
     # The divergence came after the epoch the run stopped at: it is no part of this run.
     assert "diverged_at" not in stopped.summary
+
+
+def solo_on_device(
+    spec: JobSpec,
+    data: TrainData,
+    device: torch.device,
+    kept: list[Checkpoint],
+    cancel: int | None,
+    chunk: int,
+) -> RunResult:
+    """The spec alone on the fused engine's torch code on ``device``."""
+    return run_epochs(
+        spec,
+        data,
+        TorchFusedEngine(spec, data, device=device),
+        on_epoch=keep_snapshots(kept),
+        should_stop=None if cancel is None else stop_after(cancel),
+        resume=None,
+        chunk_epochs=chunk,
+        chunk_seconds=60.0,
+    )
+
+
+def device_pack_equals_solo_runs(
+    pack: tuple[TrainData, list[JobSpec], list[int | None]], chunk: int, device: torch.device
+) -> list[str]:
+    """Checks each member against its solo run on ``device``; returns the solo statuses."""
+    data, specs, cancels = pack
+    results, kept = run_pack(data, specs, cancels, chunk, device=device)
+    statuses: list[str] = []
+    for index, (spec, cancel) in enumerate(zip(specs, cancels, strict=True)):
+        solo_kept: list[Checkpoint] = []
+        solo = solo_on_device(spec, data, device, solo_kept, cancel, chunk + 2)
+        packed = results[str(index)]
+        statuses.append(solo.status)
+        assert packed.summary["device"] == solo.summary["device"] == str(device)
+        assert_same(packed, solo)
+        assert len(kept[str(index)]) == len(solo_kept)
+        for mine, theirs in zip(kept[str(index)], solo_kept, strict=True):
+            mine_leaves, their_leaves = leaves(without_timing(mine)), leaves(without_timing(theirs))
+            assert [(path, type(v)) for path, v in mine_leaves] == [
+                (path, type(v)) for path, v in their_leaves
+            ]
+            numbers = [(a, b) for (_, a), (_, b) in zip(mine_leaves, their_leaves, strict=True)]
+            assert [a for a, b in numbers if not isinstance(a, float)] == [
+                b for a, b in numbers if not isinstance(a, float)
+            ]
+            floats = [(a, b) for a, b in numbers if isinstance(a, float)]
+            assert_close([a for a, _ in floats], [b for _, b in floats], REL)
+    return statuses
+
+
+def leaves(value: Any, path: str = "") -> list[tuple[str, Any]]:
+    """A checkpoint's scalars with where they sit, in order."""
+    if isinstance(value, dict):
+        return [leaf for key in sorted(value) for leaf in leaves(value[key], f"{path}.{key}")]
+    if isinstance(value, list):
+        return [leaf for i, item in enumerate(value) for leaf in leaves(item, f"{path}[{i}]")]
+    return [(path, value)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(packs(), st.integers(1, 7))
+def test_a_pack_on_a_torch_device_equals_its_members_solo_runs_there(
+    pack: tuple[TrainData, list[JobSpec], list[int | None]], chunk: int
+) -> None:
+    """The CUDA pack's code (stacked maps, one batched scan per batch group), on the cpu."""
+    for status in device_pack_equals_solo_runs(pack, chunk, torch.device("cpu")):
+        event(status)
+
+
+def test_a_device_pack_stacks_members_with_and_without_momentum_and_splits_big_stacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from workers.engines import pack_torch
+
+    rng = np.random.default_rng(11)
+    data = make_data(rng, 300, 3, n_test=40)
+    base = make_spec(data, epochs=6, batch_size=16, loss={"reduction": "mean"})
+    specs = [
+        base.model_copy(
+            update={"optimizer": base.optimizer.model_copy(update={"lr": lr, "momentum": mu})}
+        )
+        for lr in (0.01, 0.02, 0.05)
+        for mu in (0.0, 0.5)
+    ]
+    stacks: list[int] = []
+    real = pack_torch.stacked_epoch
+
+    def counted(maps: torch.Tensor, *args: Any) -> Any:
+        stacks.append(maps.shape[0])
+        return real(maps, *args)
+
+    monkeypatch.setattr(pack_torch, "stacked_epoch", counted)
+    cpu = torch.device("cpu")
+    assert device_pack_equals_solo_runs((data, specs, [None] * 6), 4, cpu) == ["succeeded"] * 6
+    # One stack with momentum and one without, an epoch each: 6 epochs in two lanes.
+    assert stacks == [3, 3] * 6
+    stacks.clear()
+    # A stack bound below one member's maps: every member becomes a stack of its own.
+    monkeypatch.setattr(pack_torch, "STACK_BYTES", 1)
+    cancels: list[int | None] = [None, 3] * 3
+    statuses = device_pack_equals_solo_runs((data, specs, cancels), 4, cpu)
+    assert statuses == ["succeeded", "cancelled"] * 3
+    assert set(stacks) == {1}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@settings(max_examples=20, deadline=None)
+@given(packs(), st.integers(1, 7))
+def test_a_pack_on_cuda_equals_its_members_solo_runs_there(
+    pack: tuple[TrainData, list[JobSpec], list[int | None]], chunk: int
+) -> None:
+    device_pack_equals_solo_runs(pack, chunk, torch.device("cuda"))

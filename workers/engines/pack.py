@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numba
 import numpy as np
@@ -40,6 +40,9 @@ from workers.engines.fused import (
 from workers.engines.registry import choose
 from workers.engines.state import RunState
 
+if TYPE_CHECKING:
+    import torch
+
 
 def data_key(spec: dict[str, Any], dataset_id: str | None) -> str:
     """What a job's training arrays depend on: members of a pack share this."""
@@ -59,12 +62,18 @@ def data_key(spec: dict[str, Any], dataset_id: str | None) -> str:
 
 
 def packable(spec: JobSpec, *, cuda: bool = False) -> bool:
-    """Whether ``spec`` runs on the fused CPU engine, the only engine that packs."""
+    """Whether ``spec`` runs on the fused engine (compiled kernels or a torch device), which
+    packs; the reference loop does not."""
     try:
         choice = choose(spec, cuda=cuda)
     except LrqError:
         return False
-    return choice.engine == "fused" and choice.place == "cpu"
+    return choice.engine == "fused"
+
+
+def pack_place(spec: JobSpec, *, cuda: bool) -> str:
+    """Where a pack of ``spec``'s sweep trains: ``cpu`` (compiled kernels) or ``device``."""
+    return choose(spec, cuda=cuda).place
 
 
 def member_bytes(spec: JobSpec, n_features: int, chunk_epochs: int) -> int:
@@ -265,8 +274,12 @@ def train_pack(
     chunk_epochs: int,
     chunk_seconds: float,
     after_chunk: Callable[[dict[str, RunResult], list[str]], None] | None = None,
+    device: torch.device | None = None,
 ) -> PackResult:
     """Train every member on the shared ``data``, a chunk of epochs at a time for all.
+
+    ``device`` runs the pack as stacked tensors on that torch device (the CUDA path, which
+    runs as well on the cpu device); without it, the compiled CPU kernels train it.
 
     ``after_chunk(finished, running)`` is called once every member has reported the chunk's
     epochs, with the results of the members that stopped in it and the keys of those still
@@ -282,12 +295,19 @@ def train_pack(
     if len(intercepts) > 1:
         raise StateError("pack: members differ in fit_intercept, so share no statistics")
     intercept = intercepts.pop() if intercepts else True
-    stats: FitStatistics = fit_statistics(data.x, data.y, intercept, keep_residual=minibatch)
+    shared = None
+    if device is not None:
+        from workers.engines.fused_torch import prepare
+
+        shared = prepare(data, intercept, device)
+        stats: FitStatistics = shared.stats
+    else:
+        stats = fit_statistics(data.x, data.y, intercept, keep_residual=minibatch)
     test_stats = None
     if data.x_test is not None and data.y_test is not None:
         test_stats = fit_statistics(data.x_test, data.y_test, intercept, shift=stats.shift)
     runs: dict[str, EpochRun] = {}
-    grouped: list[_GroupedEngine] = []
+    grouped: list[FusedEngine] = []  # mini-batch members, stepped by their batch groups
     for member in members:
         spec = member.spec
         try:
@@ -303,7 +323,15 @@ def train_pack(
                     )
             full = spec.batch_size is None or spec.batch_size >= len(data.y)
             engine: FusedEngine
-            if full:
+            if shared is not None:
+                from workers.engines.fused_torch import TorchFusedEngine
+                from workers.engines.pack_torch import DeviceGroupedEngine
+
+                kind = TorchFusedEngine if full else DeviceGroupedEngine
+                engine = kind(spec, data, shared=shared, test_stats=test_stats)
+                if not full:
+                    grouped.append(engine)
+            elif full:
                 engine = FusedEngine(spec, data, stats, test_stats)
             else:
                 engine = _GroupedEngine(spec, data, stats, test_stats)
@@ -330,13 +358,15 @@ def train_pack(
         count = chunk_size(per_epoch, chunk_epochs=chunk_epochs, chunk_seconds=chunk_seconds)
         counts = {id(run): min(count, run.remaining) for run in active}
         chunk_began = time.perf_counter()
-        _run_groups([run for run in active if isinstance(run.engine, _GroupedEngine)], counts)
+        grouped_ids = {id(engine) for engine in grouped}
+        in_groups = [run for run in active if id(run.engine) in grouped_ids]
+        _run_groups(in_groups, counts)
         # Each grouped member's epochs carry its share of the group's passes.
         share = (time.perf_counter() - chunk_began) / max(len(grouped), 1)
         for run in active:
             run.advance(
                 counts[id(run)],
-                shared_seconds=share if isinstance(run.engine, _GroupedEngine) else 0.0,
+                shared_seconds=share if id(run.engine) in grouped_ids else 0.0,
             )
         per_epoch = (time.perf_counter() - chunk_began) / max(counts.values())
         if after_chunk is not None:
@@ -356,8 +386,14 @@ def _run_groups(runs: list[EpochRun], counts: dict[int, int]) -> None:
     for run in runs:
         groups.setdefault(_batch_order(run.engine, run.progress.epoch), []).append(run)  # type: ignore[arg-type]
     for same in groups.values():
-        engines = [run.engine for run in same]
-        group = _BatchGroup(engines)  # type: ignore[arg-type]
-        for engine in group.engines:
+        engines: list[Any] = [run.engine for run in same]
+        group: Any
+        if isinstance(engines[0], _GroupedEngine):
+            group = _BatchGroup(engines)
+        else:
+            from workers.engines.pack_torch import DeviceBatchGroup
+
+            group = DeviceBatchGroup(engines)
+        for engine in engines:
             engine.group = group
         group.run(same[0].progress.epoch, max(counts[id(run)] for run in same))
