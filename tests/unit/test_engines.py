@@ -492,6 +492,17 @@ def test_default_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
     reference = nn.Linear(3, 1)
     assert result.summary["initial_weights"] == reference.weight.reshape(-1).tolist()
     assert result.summary["initial_bias"] == reference.bias.item()
+    for d, intercept in [(1, True), (7, True), (4, False)]:
+        wide = make_data(np.random.default_rng(), 10, d)
+        spec_d = make_spec(
+            wide, backend="torch", epochs=1, seed=seed + d, model={"fit_intercept": intercept}
+        )
+        torch.manual_seed(seed + d)
+        reference = nn.Linear(d, 1, bias=intercept)
+        run = train(spec_d, wide)
+        assert run.summary["initial_weights"] == reference.weight.reshape(-1).tolist()
+        expected = reference.bias.item() if reference.bias is not None else None
+        assert run.summary["initial_bias"] == expected
     numpy_run = train(spec.model_copy(update={"backend": "numpy"}), data)
     assert numpy_run.summary["initial_weights"] == [0.0, 0.0, 0.0]
     assert numpy_run.summary["initial_bias"] == 0.0

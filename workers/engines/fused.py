@@ -146,9 +146,11 @@ def initial_params(spec: JobSpec, n_features: int) -> Params:
             bias = 0.0
         return weights, bias
     if init == "default" and spec.backend == "torch":
-        from workers.engines.torch_engine import initial_linear, parameters_of
+        from workers.engines.torch_engine import default_init
 
-        return parameters_of(initial_linear(spec, n_features))
+        drawn = default_init(n_features, spec.model.fit_intercept, spec.seed)
+        weights = drawn[0].reshape(-1).double().numpy()
+        return weights, (float(drawn[1].item()) if len(drawn) > 1 else None)
     bias = 0.0 if spec.model.fit_intercept else None
     return np.zeros(n_features), bias
 

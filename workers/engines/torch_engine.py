@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,13 +28,33 @@ def resolve_device(requested: str) -> torch.device:
     raise DeviceError("device: cuda was requested but torch finds no CUDA device on this worker")
 
 
+def default_init(n_features: int, fit_intercept: bool, seed: int) -> tuple[torch.Tensor, ...]:
+    """The float32 numbers of the tutorial's ``torch.manual_seed(seed); nn.Linear(d, 1)``.
+
+    nn.Linear.reset_parameters' draws in its order, from a private generator: nobody's global
+    RNG moves and CUDA's lazy seeding is never touched.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.empty((1, n_features), dtype=torch.float32)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    if not fit_intercept:
+        return (weight,)
+    bound = 1 / math.sqrt(n_features) if n_features > 0 else 0
+    bias = torch.empty(1, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+    return weight, bias
+
+
 def initial_linear(spec: JobSpec, n_features: int) -> nn.Linear:
     """The untrained model, on the cpu in the spec's dtype."""
-    # Built in float32 from a private RNG stream: the numbers of the tutorial's
-    # torch.manual_seed(seed); nn.Linear(d, 1), without moving anyone's global RNG.
+    intercept = spec.model.fit_intercept
+    # Its own draws are thrown away (and leave the global RNG where it was): default_init's
+    # replace them.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        linear = nn.Linear(n_features, 1, bias=spec.model.fit_intercept, dtype=torch.float32)
+        linear = nn.Linear(n_features, 1, bias=intercept, dtype=torch.float32)
+    with torch.no_grad():
+        drawn = default_init(n_features, intercept, spec.seed)
+        for param, value in zip(linear.parameters(), drawn, strict=True):
+            param.copy_(value)
     linear = linear.to(DTYPES[spec.dtype])
     init = spec.model.init
     with torch.no_grad():
