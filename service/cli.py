@@ -267,6 +267,7 @@ def submit(
     """Validate a spec (or a sweep of it), record the jobs and queue them."""
     from service import dispatch, spec
     from service.errors import BrokerError
+    from service.packing import Queued
     from service.routing import gpu_worker_live
     from service.submission import submit as submit_jobs
 
@@ -285,15 +286,15 @@ def submit(
             spec_dir=spec.spec_directory(spec_file),
             pack=pack,
         )
-        pairs = [(job.id, job.queue) for job in submission.jobs]
-    ids = [job_id for job_id, _ in pairs]
+        submitted = [Queued(j.id, j.queue, j.spec, j.dataset_id) for j in submission.jobs]
+    ids = [job.id for job in submitted]
     if submission.sweep_id:
         # Marked with "#" under -q, so `grep -v '^#'` leaves only job ids.
         click.echo(f"# sweep {submission.sweep_id}" if quiet else f"sweep {submission.sweep_id}")
     for job in submission.jobs:
         click.echo(job.id if quiet else f"{job.id}  {job.name}  queue={job.queue}")
     try:
-        dispatch.publish_jobs(_app(), settings, pairs)
+        dispatch.publish_submitted(_app(), settings, submitted, pack=pack)
     except BrokerError as exc:
         raise BrokerError(
             f"{exc}; {len(ids)} job(s) are recorded and will be queued once the broker is "

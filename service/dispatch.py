@@ -14,18 +14,36 @@ from celery import Celery
 
 from service import db, jobs
 from service.errors import BrokerError
+from service.packing import Queued, carriers
 from service.queue import held_job_ids, publish
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def publish_jobs(app: Celery, settings: Settings, pairs: Sequence[tuple[str, str]]) -> None:
-    """Publish (job id, queue) pairs, then stamp them published; BrokerError leaves them
-    recorded for the reconciler."""
+def publish_jobs(
+    app: Celery,
+    settings: Settings,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    covered: Sequence[str] = (),
+) -> None:
+    """Publish (job id, queue) pairs, then stamp them published, with the ``covered`` jobs
+    their messages carry (a packing sweep's); BrokerError leaves them all recorded for the
+    reconciler."""
     publish(app, pairs, timeout=settings.broker_timeout)
     with db.transaction(settings.resolved_database_url()) as session:
-        jobs.mark_published([job_id for job_id, _ in pairs], session=session)
+        jobs.mark_published([*(job_id for job_id, _ in pairs), *covered], session=session)
+
+
+def publish_submitted(
+    app: Celery, settings: Settings, submitted: Sequence[Queued], *, pack: bool
+) -> int:
+    """Publish a submit's jobs: a packing sweep's by its carriers only. Returns the messages."""
+    pairs = carriers(submitted, pack=pack, max_members=settings.pack_max_members)
+    sent = {job_id for job_id, _ in pairs}
+    publish_jobs(app, settings, pairs, covered=[q.id for q in submitted if q.id not in sent])
+    return len(pairs)
 
 
 @dataclass

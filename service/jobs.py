@@ -286,8 +286,9 @@ def claim_siblings(
     lease_seconds: float,
     limit: int,
     fits: Callable[[dict[str, Any], str | None], bool],
-) -> list[Claim]:
-    """Claim up to ``limit`` queued jobs of ``job_id``'s packing sweep that ``fits`` accepts.
+) -> tuple[list[Claim], bool]:
+    """Claim up to ``limit`` queued jobs of ``job_id``'s packing sweep that ``fits`` accepts;
+    also whether more that fit were left queued.
 
     Each is claimed as ``claim_job`` claims one, with its own fenced attempt; a sibling taken
     meanwhile by another worker is passed over.
@@ -298,22 +299,62 @@ def claim_siblings(
         .where((Job.id == job_id) & Sweep.pack.is_(True))
     )
     if sweep_id is None or limit <= 0:
-        return []
+        return [], False
     queued = session.execute(
         select(Job.id, Job.spec, Job.dataset_id)
         .where((Job.sweep_id == sweep_id) & (Job.state == "queued") & (Job.id != job_id))
         .order_by(Job.created_at, Job.id)
     ).all()
+    fitting = [sibling for sibling, spec, dataset_id in queued if fits(spec, dataset_id)]
     claims: list[Claim] = []
-    for sibling, spec, dataset_id in queued:
-        if len(claims) >= limit:
-            break
-        if not fits(spec, dataset_id):
-            continue
-        claim = claim_job(sibling, session=session, worker=worker, lease_seconds=lease_seconds)
-        if claim is not None:
-            claims.append(claim)
-    return claims
+    at = 0
+    while len(claims) < limit and at < len(fitting):
+        batch = fitting[at : at + limit - len(claims)]
+        at += len(batch)
+        claims.extend(_claim_queued(batch, session=session, worker=worker, lease=lease_seconds))
+    return claims, at < len(fitting)
+
+
+def _claim_queued(
+    job_ids: Sequence[str], *, session: Session, worker: str, lease: float
+) -> list[Claim]:
+    """Claim those of ``job_ids`` still queued with attempts left, in one statement, each with
+    its own attempt; one taken meanwhile by another worker does not come back."""
+    now = utcnow()
+    rows = session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(job_ids)
+            & (Job.state == "queued")
+            & (Job.attempts - Job.attempts_at_retry < Job.max_attempts)
+        )
+        .values(
+            state="running",
+            attempts=Job.attempts + 1,
+            worker=worker,
+            lease_expires_at=now + dt.timedelta(seconds=lease),
+            started_at=func.coalesce(Job.started_at, now),
+        )
+        .returning(Job.id, Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id, Job.sweep_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    order = {job_id: index for index, job_id in enumerate(job_ids)}
+    return [
+        Claim(r.id, r.attempts, r.spec, r.checkpoint, r.dataset_id, r.sweep_id)
+        for r in sorted(rows, key=lambda r: order[r.id])
+    ]
+
+
+def pack_carrier(job_id: str, *, session: Session) -> Claim | None:
+    """``job_id`` as the unheld head of a pack to claim (attempt 0), when its sweep packs."""
+    row = session.execute(
+        select(Job.spec, Job.dataset_id, Job.sweep_id)
+        .join(Sweep, Sweep.id == Job.sweep_id)
+        .where((Job.id == job_id) & Sweep.pack.is_(True))
+    ).first()
+    if row is None:
+        return None
+    return Claim(job_id, 0, row.spec, None, row.dataset_id, row.sweep_id)
 
 
 def _fenced(job_id: str, attempt: int) -> Any:
@@ -439,7 +480,13 @@ class EpochRow:
 
 def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> None:
     """Insert or overwrite epoch rows in one statement (PostgreSQL) or one executemany."""
-    if not rows:
+    _upsert_epochs_of([(job_id, rows)], session)
+
+
+def _upsert_epochs_of(batches: Sequence[tuple[str, Sequence[EpochRow]]], session: Session) -> None:
+    """Epoch rows of many jobs in one statement (PostgreSQL) or one executemany."""
+    flat = [(job_id, r) for job_id, rows in batches for r in rows]
+    if not flat:
         return
     # Imported here: the PostgreSQL dialect module alone costs the CLI ~50 ms at start.
     from sqlalchemy.dialects import postgresql, sqlite
@@ -453,11 +500,12 @@ def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> N
             ["job_id", "epoch", "train_loss", "test_loss", "seconds"], _unnest_epochs()
         )
         parameters: Any = {
-            "job_id": job_id,
-            "epochs": "{" + ",".join(str(int(r.epoch)) for r in rows) + "}",
-            "train_losses": _float_array([r.train_loss for r in rows]),
-            "test_losses": _float_array([r.test_loss for r in rows]),
-            "seconds": _float_array([r.seconds for r in rows]),
+            # Job ids are hex: no quoting needed inside the array literal.
+            "job_ids": "{" + ",".join(_hex_id(job_id) for job_id, _ in flat) + "}",
+            "epochs": "{" + ",".join(str(int(r.epoch)) for _, r in flat) + "}",
+            "train_losses": _float_array([r.train_loss for _, r in flat]),
+            "test_losses": _float_array([r.test_loss for _, r in flat]),
+            "seconds": _float_array([r.seconds for _, r in flat]),
         }
     else:
         # SQLite runs in this process: an executemany is one prepared statement in a C loop.
@@ -470,7 +518,7 @@ def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> N
                 "test_loss": r.test_loss,
                 "seconds": r.seconds,
             }
-            for r in rows
+            for job_id, r in flat
         ]
     stmt = stmt.on_conflict_do_update(
         index_elements=[table.c.job_id, table.c.epoch],
@@ -481,6 +529,12 @@ def _upsert_epochs(job_id: str, rows: Sequence[EpochRow], session: Session) -> N
         },
     )
     connection.execute(stmt, parameters)
+
+
+def _hex_id(job_id: str) -> str:
+    if not job_id or not all(c in "0123456789abcdef" for c in job_id):
+        raise StateError(f"job id {job_id!r} is not a hex id")
+    return job_id
 
 
 #: PostgreSQL's spelling of the floats Python's repr writes differently.
@@ -502,7 +556,8 @@ def _float_array(values: Sequence[float | None]) -> str:
 
 @functools.cache
 def _unnest_epochs() -> Any:
-    """SELECT :job_id, unnest(:epochs::int[]), ...: the arrays bound as array literals."""
+    """SELECT unnest(:job_ids::varchar[]), unnest(:epochs::int[]), ...: the arrays bound as
+    array literals (unnested side by side)."""
     from sqlalchemy import Float, Integer, String, bindparam
     from sqlalchemy import cast as sql_cast
     from sqlalchemy.dialects.postgresql import ARRAY
@@ -511,7 +566,7 @@ def _unnest_epochs() -> Any:
         return func.unnest(sql_cast(bindparam(name, type_=String), ARRAY(kind)))
 
     return select(
-        sql_cast(bindparam("job_id", type_=String), String),
+        column("job_ids", String),
         column("epochs", Integer),
         column("train_losses", Float),
         column("test_losses", Float),
@@ -548,6 +603,20 @@ def record_epochs(
     lease_seconds: float,
 ) -> Progress:
     """Upsert a batch of epochs with the checkpoint they lead to, and renew the lease."""
+    progress = _record_fenced(job_id, rows, attempt, checkpoint, session, lease_seconds)
+    _upsert_epochs(job_id, rows, session)
+    return progress
+
+
+def _record_fenced(
+    job_id: str,
+    rows: Sequence[EpochRow],
+    attempt: int,
+    checkpoint: dict[str, Any] | None,
+    session: Session,
+    lease_seconds: float,
+) -> Progress:
+    """The job row's side of a record (progress, checkpoint, lease), behind the fence."""
     values: dict[str, Any] = {"lease_expires_at": utcnow() + dt.timedelta(seconds=lease_seconds)}
     if rows:
         values["epochs_done"] = rows[-1].epoch
@@ -563,7 +632,6 @@ def record_epochs(
     ).first()
     if cancel is None:
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
-    _upsert_epochs(job_id, rows, session)
     return Progress(cancel_requested=bool(cancel[0]))
 
 
@@ -578,16 +646,12 @@ def record_many(
     out: dict[str, Progress | None] = {}
     for r in recordings:
         try:
-            out[r.job_id] = record_epochs(
-                r.job_id,
-                r.rows,
-                attempt=r.attempt,
-                checkpoint=r.checkpoint,
-                session=session,
-                lease_seconds=lease_seconds,
+            out[r.job_id] = _record_fenced(
+                r.job_id, r.rows, r.attempt, r.checkpoint, session, lease_seconds
             )
         except LeaseLostError:
             out[r.job_id] = None
+    _upsert_epochs_of([(r.job_id, r.rows) for r in recordings if out[r.job_id]], session)
     return out
 
 
@@ -602,6 +666,57 @@ def finish_job(
     session: Session,
 ) -> None:
     """The last epochs, the result and the terminal state, in the caller's one transaction."""
+    lost = finish_many([Finish(job_id, attempt, state, rows, result, error)], session=session)
+    if lost:
+        raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
+
+
+@dataclass(frozen=True)
+class Finish:
+    """One claim's last epochs, result and terminal state."""
+
+    job_id: str
+    attempt: int
+    state: str
+    rows: Sequence[EpochRow] = ()
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def finish_many(finishes: Sequence[Finish], *, session: Session) -> list[str]:
+    """``finish_job`` for many claims in the caller's one transaction; returns the job ids
+    whose attempt no longer holds them (they write nothing). A succeeded job whose epoch
+    rows do not add up raises StateError, which rolls the whole transaction back."""
+    expected: dict[str, int] = {}
+    lost: list[str] = []
+    for f in finishes:
+        done = _finish_fenced(f, session)
+        if done is None:
+            lost.append(f.job_id)
+        elif f.state == "succeeded":
+            expected[f.job_id] = done
+    _upsert_epochs_of([(f.job_id, f.rows) for f in finishes if f.job_id not in lost], session)
+    if expected:
+        stored = dict(
+            session.execute(
+                select(Epoch.job_id, func.count())
+                .where(Epoch.job_id.in_(sorted(expected)))
+                .group_by(Epoch.job_id)
+            ).all()
+        )
+        for job_id, count in expected.items():
+            if stored.get(job_id, 0) != count:
+                # Raising rolls the whole finish back: the job stays running and is resumed.
+                raise StateError(
+                    f"job {job_id}: {stored.get(job_id, 0)} epoch rows stored, {count} expected"
+                )
+    return lost
+
+
+def _finish_fenced(f: Finish, session: Session) -> int | None:
+    """The job row's side of a finish, behind the fence: its epochs_done, or None (lost)."""
+    job_id, attempt, state, rows = f.job_id, f.attempt, f.state, f.rows
+    result, error = f.result, f.error
     if state not in TERMINAL:
         raise StateError(f"{state!r} is not a terminal state")
     values: dict[str, Any] = {
@@ -621,15 +736,7 @@ def finish_job(
         .returning(Job.epochs_done)
         .execution_options(synchronize_session=False)
     ).first()
-    if done is None:
-        raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
-    _upsert_epochs(job_id, rows, session)
-    if state == "succeeded":
-        expected = done[0]
-        stored = session.scalar(select(func.count()).where(Epoch.job_id == job_id))
-        if stored != expected:
-            # Raising rolls the whole finish back: the job stays running and is resumed.
-            raise StateError(f"job {job_id}: {stored} epoch rows stored, {expected} expected")
+    return None if done is None else int(done[0])
 
 
 # -- cancel and retry -----------------------------------------------------------------------
@@ -738,18 +845,34 @@ def jobs_to_publish(
     *, session: Session, held: set[str] | None, grace_seconds: float = 10.0
 ) -> list[tuple[str, str]]:
     """Queued jobs that need a message: never published (or reclaimed), or — when the broker's
-    contents are known — published over ``grace_seconds`` ago and no longer held by it."""
+    contents are known — published over ``grace_seconds`` ago and no longer held by it.
+
+    A packing sweep's queued job is carried by any message of its sweep that the broker
+    holds (whoever takes it claims the sweep's next queued jobs), so it needs none of its own.
+    """
     condition: ColumnElement[bool] = Job.published_at.is_(None)
     if held is not None:
         cutoff = utcnow() - dt.timedelta(seconds=grace_seconds)
         condition = or_(condition, Job.published_at < cutoff)
     rows = session.execute(
-        select(Job.id, Job.queue, Job.published_at).where((Job.state == "queued") & condition)
+        select(Job.id, Job.queue, Job.published_at, Job.sweep_id, Sweep.pack)
+        .outerjoin(Sweep, Sweep.id == Job.sweep_id)
+        .where((Job.state == "queued") & condition)
     ).all()
+    carried: set[str] = set()
+    if held:
+        packing = {row.sweep_id for row in rows if row.pack and row.published_at is not None}
+        if packing:
+            members = session.execute(
+                select(Job.id, Job.sweep_id).where(Job.sweep_id.in_(sorted(packing)))
+            ).all()
+            carried = {str(sweep_id) for job_id, sweep_id in members if job_id in held}
     return [
-        (job_id, queue)
-        for job_id, queue, published_at in rows
-        if published_at is None or held is None or job_id not in held
+        (row.id, row.queue)
+        for row in rows
+        if row.published_at is None
+        or held is None
+        or (row.id not in held and not (row.pack and row.sweep_id in carried))
     ]
 
 

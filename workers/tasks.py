@@ -175,8 +175,6 @@ def load_train_data(spec: JobSpec, dataset_id: str | None, settings: Settings) -
 
 def execute_job(job_id: str, settings: Settings) -> str:
     """Run one job to a terminal state (or give it up to a reclaim); returns the outcome."""
-    from workers import engines
-
     url = settings.resolved_database_url()
 
     def claim_it() -> jobs.Claim | None:
@@ -190,10 +188,20 @@ def execute_job(job_id: str, settings: Settings) -> str:
 
     claim = with_db_retries(claim_it, what=f"job {job_id}: claim")
     if claim is None:
+        carry_pack(job_id, settings)
         return "skipped"
     siblings = claim_pack_siblings(claim, settings)
     if siblings:
         return execute_pack([claim, *siblings], settings)
+    return run_claimed(claim, settings)
+
+
+def run_claimed(claim: jobs.Claim, settings: Settings) -> str:
+    """Train one claimed job to a terminal state (or give it up to a reclaim)."""
+    from workers import engines
+
+    job_id = claim.job_id
+    url = settings.resolved_database_url()
     recorder = Recorder(claim, settings)
     keeper = LeaseKeeper(claim, settings, recorder)
     keeper.start()
@@ -277,9 +285,39 @@ def _pack_spec(claim: jobs.Claim) -> JobSpec | None:
     return spec if packable(spec, cuda=_cuda_possible(spec)) else None
 
 
-def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Claim]:
-    """Claim the queued jobs of ``claim``'s packing sweep that can train with it, exactly."""
-    from workers.engines.pack import data_key, member_bytes
+def carry_pack(job_id: str, settings: Settings) -> None:
+    """A message whose job is already taken carries, in a packing sweep, the sweep's next
+    pack: claim its queued jobs that share the named job's data, and train them."""
+    if settings.pack_max_members < 2:
+        return
+
+    def look() -> jobs.Claim | None:
+        with db.transaction(settings.resolved_database_url()) as session:
+            return jobs.pack_carrier(job_id, session=session)
+
+    named = with_db_retries(look, what=f"job {job_id}: its sweep")
+    if named is None:
+        return
+    claims = claim_pack_siblings(named, settings, with_lead=True)
+    if not claims:
+        return
+    log.info("job %s: its message carries %d queued job(s) of its sweep", job_id, len(claims))
+    if len(claims) == 1:
+        run_claimed(claims[0], settings)
+    else:
+        execute_pack(claims, settings)
+
+
+def claim_pack_siblings(
+    claim: jobs.Claim, settings: Settings, *, with_lead: bool = False
+) -> list[jobs.Claim]:
+    """Claim the queued jobs of ``claim``'s packing sweep that can train with it, exactly.
+
+    ``with_lead``: ``claim`` is not held (its job is taken), so claim one more, to lead. A
+    full pack with more of the sweep left queued sends one more message, to carry the next.
+    """
+    from service.packing import data_key
+    from workers.engines.pack import member_bytes
 
     if claim.sweep_id is None or settings.pack_max_members < 2:
         return []  # a job submitted alone: no siblings to ask the database for
@@ -290,7 +328,7 @@ def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Clai
     synthetic = spec.data.synthetic
     features = synthetic.n_features if synthetic is not None else len(spec.data.features or [1])
     each = member_bytes(spec, features, settings.record_every_epochs)
-    room = min(settings.pack_max_members, settings.pack_max_bytes // each) - 1
+    room = min(settings.pack_max_members, settings.pack_max_bytes // each) - (0 if with_lead else 1)
 
     def fits(raw: dict[str, Any], dataset_id: str | None) -> bool:
         if data_key(raw, dataset_id) != key:
@@ -298,7 +336,7 @@ def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Clai
         sibling = jobs.Claim("", 0, raw, None, dataset_id)
         return _pack_spec(sibling) is not None
 
-    def claim_them() -> list[jobs.Claim]:
+    def claim_them() -> tuple[list[jobs.Claim], bool]:
         with db.transaction(settings.resolved_database_url()) as session:
             return jobs.claim_siblings(
                 claim.job_id,
@@ -311,7 +349,29 @@ def claim_pack_siblings(claim: jobs.Claim, settings: Settings) -> list[jobs.Clai
 
     if room < 1:
         return []
-    return with_db_retries(claim_them, what=f"job {claim.job_id}: claim its pack")
+    claims, more = with_db_retries(claim_them, what=f"job {claim.job_id}: claim its pack")
+    if more and claims:
+        _send_carrier(claim.job_id, settings)
+    return claims
+
+
+def _send_carrier(job_id: str, settings: Settings) -> None:
+    """One more message of ``job_id``'s sweep: whoever takes it claims the next pack."""
+    from sqlalchemy import select
+
+    from service.queue import get_app, publish
+
+    def queue_of() -> str | None:
+        with db.transaction(settings.resolved_database_url()) as session:
+            queue = session.scalar(select(Job.queue).where(Job.id == job_id))
+            return None if queue is None else str(queue)
+
+    try:
+        queue = with_db_retries(queue_of, what=f"job {job_id}: its queue")
+        if queue is not None:
+            publish(get_app(), [(job_id, queue)], timeout=settings.broker_timeout)
+    except (BrokerError, *_TRANSIENT) as exc:
+        log.warning("job %s: no message sent for the rest of its sweep (%s)", job_id, exc)
 
 
 class MemberRecorder:
@@ -353,8 +413,7 @@ class PackRecorder:
         return [m for m in self.members.values() if not (m.done or m.lease_lost)]
 
     def after_chunk(self, finished: dict[str, RunResult], running: list[str]) -> None:
-        for job_id, run in finished.items():
-            self.finish(job_id, run.status, run.summary, None)
+        self.finish_all([(job_id, run.status, run.summary) for job_id, run in finished.items()])
         members = [self.members[job_id] for job_id in running]
         due = any(len(m.pending) >= self.settings.record_every_epochs for m in members) or (
             time.monotonic() - self.last_flush >= self.settings.record_every_seconds
@@ -396,6 +455,43 @@ class PackRecorder:
             member.pending.clear()
             member.cancel_requested = seen.cancel_requested
         self.last_flush = time.monotonic()
+
+    def finish_all(self, done: list[tuple[str, str, dict[str, Any] | None]]) -> None:
+        """Finish the members that stopped in a chunk, in one transaction; one that cannot
+        (its epoch rows do not add up) makes them finish one by one."""
+        members = [self.members[job_id] for job_id, _, _ in done]
+        handing_back = any(m.released for m in members)
+        if handing_back or len(done) < 2:
+            for job_id, state, result in done:
+                self.finish(job_id, state, result, None)
+            return
+        finishes = [
+            jobs.Finish(
+                job_id,
+                self.members[job_id].claim.attempt,
+                state,
+                self.members[job_id].pending,
+                result,
+            )
+            for job_id, state, result in done
+            if not (self.members[job_id].done or self.members[job_id].lease_lost)
+        ]
+        if not finishes:
+            return
+
+        def write() -> list[str]:
+            with db.transaction(self.url) as session:
+                return jobs.finish_many(finishes, session=session)
+
+        try:
+            lost = with_db_retries(write, what=f"pack of {len(finishes)}: finish")
+        except StateError:
+            for job_id, state, result in done:
+                self.finish(job_id, state, result, None)
+            return
+        for f in finishes:
+            self.members[f.job_id].done = True
+            self.outcomes[f.job_id] = "lease lost" if f.job_id in lost else f.state
 
     def finish(
         self, job_id: str, state: str, result: dict[str, Any] | None, error: str | None
@@ -512,9 +608,11 @@ def execute_pack(claims: list[jobs.Claim], settings: Settings) -> str:
             )
             for job_id, message in packed.errors.items():
                 recorder.finish(job_id, "failed", None, message)
-            for job_id, run in packed.results.items():
+            for run in packed.results.values():
                 run.summary["pack"] = pack_info
-                recorder.finish(job_id, run.status, run.summary, None)
+            recorder.finish_all(
+                [(job_id, run.status, run.summary) for job_id, run in packed.results.items()]
+            )
     except SoftTimeLimitExceeded:
         error = _TIMED_OUT.format(settings.soft_time_limit)
     except LrqError as exc:

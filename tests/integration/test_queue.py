@@ -197,6 +197,41 @@ def test_cancel_retry_and_wait_exit_codes(lrq_env: dict[str, str], tmp_path: Pat
         assert outcomes == ["diverged", "succeeded"]
 
 
+def test_a_packed_sweep_travels_as_one_message_a_pack(
+    lrq_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from service.packing import data_key
+
+    url = lrq_env["LRQ_DATABASE_URL"]
+    lrs = ["0.001", "0.002", "0.003", "0.005", "0.008", "0.01", "0.02", "0.03", "0.05", "0.08"]
+    broker = redis.Redis.from_url(lrq_env["LRQ_BROKER_URL"])
+    # Submitted with packs of 4: one message for each pack's worth, every job marked sent.
+    monkeypatch.setenv("LRQ_PACK_MAX_MEMBERS", "4")
+    ids = submit_ids(SWEEP_SPEC, "--set", "epochs=8", "--grid", "optimizer.lr=" + ",".join(lrs))
+    assert broker.llen("cpu") == 3
+    assert all(job.published_at is not None for job in load_jobs(url, ids))
+    # The worker takes packs of 2: the three messages carry five packs between them, each
+    # full pack with more of the sweep queued sending the next one on (no reconciler here).
+    env = {**lrq_env, "LRQ_PACK_MAX_MEMBERS": "2", "LRQ_RECONCILE_INTERVAL": "3600"}
+    with worker(env, tmp_path / "worker.log") as process:
+        found = wait_jobs(url, ids, timeout=120, workers=[process])
+    assert [job.state for job in found] == ["succeeded"] * len(ids)
+    assert {job.attempts for job in found} == {1}
+    packs: dict[str, list[str]] = {}
+    for job in found:
+        packs.setdefault(job.result["pack"]["id"], []).append(job.id)
+        assert job.result["engine"] == "fused"
+    assert sorted(len(members) for members in packs.values()) == [2] * 5
+    assert len({data_key(job.spec, job.dataset_id) for job in found}) == 1
+    for job in found:
+        lr = job.spec["optimizer"]["lr"]
+        expected = lrq_run(SWEEP_SPEC, "--set", "epochs=8", "--set", f"optimizer.lr={lr}")
+        assert assert_fresh_history(url, job, 8) == expected["history"]
+    assert broker.llen("cpu") == 0
+
+
 def test_a_duplicated_message_runs_the_job_once(lrq_env: dict[str, str], tmp_path: Path) -> None:
     from service.queue import make_app, publish
     from service.settings import Settings

@@ -10,6 +10,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from service.packing import data_key
 from service.spec import JobSpec
 from tests.unit.test_engines import (
     assert_close,
@@ -24,7 +25,7 @@ from workers.engines import train
 from workers.engines.base import Checkpoint, RunResult, TrainData
 from workers.engines.epochs import run_epochs
 from workers.engines.fused_torch import TorchFusedEngine
-from workers.engines.pack import Member, data_key, pack_place, packable, train_pack
+from workers.engines.pack import Member, pack_place, packable, train_pack
 
 #: The issue's bound; the pack computes each member's own operations, so it is met with room.
 REL = 1e-12

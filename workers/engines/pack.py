@@ -10,7 +10,6 @@ loop (``EpochRun``): it is checkpointed, cancelled, diverges and finishes on its
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,23 +41,6 @@ from workers.engines.state import RunState
 
 if TYPE_CHECKING:
     import torch
-
-
-def data_key(spec: dict[str, Any], dataset_id: str | None) -> str:
-    """What a job's training arrays depend on: members of a pack share this."""
-    data = spec.get("data", {})
-    test = data.get("test") or {}
-    model = spec.get("model", {})
-    # A held-out fraction is drawn with the job's seed, so then the seed picks the rows too.
-    seed = spec.get("seed") if test.get("fraction") is not None else None
-    key = {
-        "data": data,
-        "dataset": dataset_id,
-        "split_seed": seed,
-        "fit_intercept": model.get("fit_intercept"),
-        "device": spec.get("device"),
-    }
-    return json.dumps(key, sort_keys=True, default=str)
 
 
 def packable(spec: JobSpec, *, cuda: bool = False) -> bool:
