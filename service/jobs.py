@@ -974,6 +974,9 @@ def result_row(job: Job | Row[Any]) -> dict[str, Any]:
     summary = job.result or {}
     for key in SUMMARY_FIELDS:
         row[key] = summary.get(key)
+    # The pack it trained in (a packing sweep's jobs train together): its id and size.
+    pack = summary.get("pack") or {}
+    row["pack_id"], row["pack_size"] = pack.get("id"), pack.get("size")
     row["epochs_done"] = job.epochs_done
     row.update({f"spec.{k}": v for k, v in flatten(job.spec).items()})
     return row

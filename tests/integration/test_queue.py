@@ -224,6 +224,11 @@ def test_a_packed_sweep_travels_as_one_message_a_pack(
         packs.setdefault(job.result["pack"]["id"], []).append(job.id)
         assert job.result["engine"] == "fused"
     assert sorted(len(members) for members in packs.values()) == [2] * 5
+    # `lrq results` says which pack each job trained in, and its size.
+    shown = json.loads(run_cli("results", *ids, "--all-columns", "--format", "json").stdout)
+    assert {row["id"]: (row["pack_id"], row["pack_size"]) for row in shown} == {
+        job_id: (pack, 2) for pack, members in packs.items() for job_id in members
+    }
     assert len({data_key(job.spec, job.dataset_id) for job in found}) == 1
     for job in found:
         lr = job.spec["optimizer"]["lr"]
