@@ -5,9 +5,10 @@ Run: ``python -m benchmarks.bench_pack [--repeats N] [--points N] [--quick] [--q
 and each job alone on the fused engine's torch code there (the CUDA path).
 In-process: ``train_pack`` over the sweep against ``train`` of each point, on the same data,
 full batch and mini-batch (batch 32). With ``--queue`` also through the queue: a private
-redis-server, SQLite and one real ``lrq worker``, timed from ``lrq submit --grid … --wait`` to
-its exit, packed, ``--no-pack``, and one job of the sweep alone. Every variant of a row is
-timed in the same round, rounds interleaved, and the median kept, so drift hits all alike.
+redis-server, SQLite and one real ``lrq worker`` (warmed by a one-epoch job first), timed from
+``lrq submit --grid … --wait`` to its exit, packed, ``--no-pack``, and one job of the sweep
+alone. Every variant of a row is timed in the same round, rounds interleaved, and the median
+kept, so drift hits all alike.
 Each packed member is checked equal to its solo run before anything is timed.
 """
 
@@ -167,6 +168,12 @@ def queue_seconds(spec: dict[str, Any], grid: str, *options: str) -> float:
     try:
         while b" ready." not in log_path.read_bytes():
             time.sleep(0.05)
+        # Warm the pool process (torch, numba's cached kernels, connections) with one epoch.
+        warm = home / "warm.json"
+        warm.write_text(json.dumps({**spec, "epochs": 1}))
+        subprocess.run(
+            [*lrq, "submit", str(warm), "--wait", "-q"], env=env, check=True, capture_output=True
+        )
         began = time.perf_counter()
         command = [*lrq, "submit", str(path), "--wait", "-q", *options]
         if grid:
