@@ -618,18 +618,9 @@ def _record_fenced(
 ) -> Progress:
     """The job row's side of a record (progress, checkpoint, lease), behind the fence."""
     values: dict[str, Any] = {"lease_expires_at": utcnow() + dt.timedelta(seconds=lease_seconds)}
-    if rows:
-        values["epochs_done"] = rows[-1].epoch
-        values["last_loss"] = rows[-1].train_loss
     if checkpoint is not None:
         values["checkpoint"] = json_safe(checkpoint)
-    cancel = session.execute(
-        update(Job)
-        .where(_fenced(job_id, attempt))
-        .values(**values)
-        .returning(Job.cancel_requested)
-        .execution_options(synchronize_session=False)
-    ).first()
+    cancel = _update_fenced(job_id, attempt, rows, values, Job.cancel_requested, session)
     if cancel is None:
         raise LeaseLostError(f"job {job_id}: attempt {attempt} no longer holds it")
     return Progress(cancel_requested=bool(cancel[0]))
@@ -726,17 +717,29 @@ def _finish_fenced(f: Finish, session: Session) -> int | None:
         "lease_expires_at": None,
         "finished_at": utcnow(),
     }
+    done = _update_fenced(job_id, attempt, rows, values, Job.epochs_done, session)
+    return None if done is None else int(done[0])
+
+
+def _update_fenced(
+    job_id: str,
+    attempt: int,
+    rows: Sequence[EpochRow],
+    values: dict[str, Any],
+    returning: Any,
+    session: Session,
+) -> Any:
+    """Update the job row as ``attempt`` while it still holds the job, with the progress the
+    rows bring; the ``returning`` column's row, or None when the fence refused."""
     if rows:
-        values["epochs_done"] = rows[-1].epoch
-        values["last_loss"] = rows[-1].train_loss
-    done = session.execute(
+        values = {**values, "epochs_done": rows[-1].epoch, "last_loss": rows[-1].train_loss}
+    return session.execute(
         update(Job)
         .where(_fenced(job_id, attempt))
         .values(**values)
-        .returning(Job.epochs_done)
+        .returning(returning)
         .execution_options(synchronize_session=False)
     ).first()
-    return None if done is None else int(done[0])
 
 
 # -- cancel and retry -----------------------------------------------------------------------
