@@ -199,35 +199,12 @@ def _holder_is_dead_here(worker: str | None) -> bool:
 
 def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: float) -> Claim | None:
     """Take a job for one attempt, or None when it is not ours to run now."""
-    now = utcnow()
     # The usual case, a queued job with attempts left, in one statement; a concurrent claim
     # waits on the row and then finds it no longer queued.
-    taken = session.execute(
-        update(Job)
-        .where(
-            (Job.id == job_id)
-            & (Job.state == "queued")
-            & (Job.attempts - Job.attempts_at_retry < Job.max_attempts)
-        )
-        .values(
-            state="running",
-            attempts=Job.attempts + 1,
-            worker=worker,
-            lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-            started_at=func.coalesce(Job.started_at, now),
-        )
-        .returning(Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id, Job.sweep_id)
-        .execution_options(synchronize_session=False)
-    ).first()
-    if taken is not None:
-        return Claim(
-            job_id=job_id,
-            attempt=taken.attempts,
-            spec=taken.spec,
-            checkpoint=taken.checkpoint,
-            dataset_id=taken.dataset_id,
-            sweep_id=taken.sweep_id,
-        )
+    taken = _claim_queued([job_id], session=session, worker=worker, lease=lease_seconds)
+    if taken:
+        return taken[0]
+    now = utcnow()
     job = session.get(Job, job_id)
     if job is None:
         return None

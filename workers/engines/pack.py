@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numba
 import numpy as np
@@ -162,15 +162,27 @@ def packed_minibatch_epoch(  # type: ignore[no-untyped-def]
                 has_buffer[m] = True
 
 
-class _GroupedEngine(FusedEngine):
-    """A mini-batch member whose epochs its batch group computes, with the group's others."""
+class _EpochSource(Protocol):
+    def result(self, engine: Any, epoch: int) -> tuple[float, Array, Array, bool]: ...
 
-    group: _BatchGroup
+
+class GroupedEpochs:
+    """A mini-batch member whose epochs its batch group computes, with the group's others:
+    each epoch takes the group's result for it."""
+
+    group: _EpochSource
+    params: Array
+    buffer: Array
+    has_buffer: bool
 
     def _mini_epoch(self, epoch: int, batch_size: int) -> float:
         sse, params, buffer, has_buffer = self.group.result(self, epoch)
         self.params, self.buffer, self.has_buffer = params, buffer, has_buffer
         return sse
+
+
+class _GroupedEngine(GroupedEpochs, FusedEngine):
+    """A mini-batch member of a CPU batch group."""
 
 
 @dataclass

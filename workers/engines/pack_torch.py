@@ -20,20 +20,14 @@ from workers.engines.fused_torch import (
     stacked_epoch,
     stacked_maps,
 )
+from workers.engines.pack import GroupedEpochs
 
 #: The most bytes one stacked call's maps and their scan may take; larger groups are split.
 STACK_BYTES = 512 * 1024 * 1024
 
 
-class DeviceGroupedEngine(TorchFusedEngine):
+class DeviceGroupedEngine(GroupedEpochs, TorchFusedEngine):
     """A mini-batch member whose epochs its device batch group computes, with the others."""
-
-    group: DeviceBatchGroup
-
-    def _mini_epoch(self, epoch: int, batch_size: int) -> float:
-        sse, params, buffer, has_buffer = self.group.result(self, epoch)
-        self.params, self.buffer, self.has_buffer = params, buffer, has_buffer
-        return sse
 
 
 class DeviceBatchGroup:
