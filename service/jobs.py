@@ -179,6 +179,8 @@ class Claim:
     dataset_id: str | None
     #: The job's sweep (None for a job submitted alone, which never packs).
     sweep_id: str | None = None
+    #: Whether that sweep packs (its jobs may train together).
+    packs: bool = False
 
 
 def _holder_is_dead_here(worker: str | None) -> bool:
@@ -245,6 +247,9 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         return None
+    packs = sweep_id is not None and bool(
+        session.scalar(select(Sweep.pack).where(Sweep.id == sweep_id))
+    )
     return Claim(
         job_id=job_id,
         attempt=seen + 1,
@@ -252,6 +257,7 @@ def claim_job(job_id: str, *, session: Session, worker: str, lease_seconds: floa
         checkpoint=checkpoint,
         dataset_id=dataset_id,
         sweep_id=sweep_id,
+        packs=packs,
     )
 
 
@@ -312,12 +318,21 @@ def _claim_queued(
             lease_expires_at=now + dt.timedelta(seconds=lease),
             started_at=func.coalesce(Job.started_at, now),
         )
-        .returning(Job.id, Job.attempts, Job.spec, Job.checkpoint, Job.dataset_id, Job.sweep_id)
+        .returning(
+            Job.id,
+            Job.attempts,
+            Job.spec,
+            Job.checkpoint,
+            Job.dataset_id,
+            Job.sweep_id,
+            # Whether the sweep packs comes back with the claim: no second round trip.
+            select(Sweep.pack).where(Sweep.id == Job.sweep_id).scalar_subquery().label("packs"),
+        )
         .execution_options(synchronize_session=False)
     ).all()
     order = {job_id: index for index, job_id in enumerate(job_ids)}
     return [
-        Claim(r.id, r.attempts, r.spec, r.checkpoint, r.dataset_id, r.sweep_id)
+        Claim(r.id, r.attempts, r.spec, r.checkpoint, r.dataset_id, r.sweep_id, bool(r.packs))
         for r in sorted(rows, key=lambda r: order[r.id])
     ]
 
@@ -331,7 +346,7 @@ def pack_carrier(job_id: str, *, session: Session) -> Claim | None:
     ).first()
     if row is None:
         return None
-    return Claim(job_id, 0, row.spec, None, row.dataset_id, row.sweep_id)
+    return Claim(job_id, 0, row.spec, None, row.dataset_id, row.sweep_id, packs=True)
 
 
 def _fenced(job_id: str, attempt: int) -> Any:

@@ -319,8 +319,8 @@ def claim_pack_siblings(
     from service.packing import data_key
     from workers.engines.pack import member_bytes
 
-    if claim.sweep_id is None or settings.pack_max_members < 2:
-        return []  # a job submitted alone: no siblings to ask the database for
+    if not claim.packs or settings.pack_max_members < 2:
+        return []  # alone, or its sweep does not pack: no siblings to ask the database for
     spec = _pack_spec(claim)
     if spec is None:
         return []

@@ -81,11 +81,13 @@ def counted_statements() -> Iterator[dict[str, list[Any]]]:
         event.remove(Engine, "commit", on_commit)
 
 
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-an-unpacked-sweep"])
 def test_a_short_job_costs_four_transactions_from_submit_to_finish(
     lrq_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     counted_statements: dict[str, list[Any]],
+    alone: bool,
 ) -> None:
     from service import db, jobs
     from service.settings import Settings
@@ -95,7 +97,10 @@ def test_a_short_job_costs_four_transactions_from_submit_to_finish(
     monkeypatch.setenv("LRQ_RECORD_EVERY_SECONDS", "600")
     spec = tmp_path / "small.json"
     spec.write_text(json.dumps({**small_spec(), "epochs": 7}))
-    [job_id] = submit_ids(str(spec))
+    # A job of a --no-pack sweep: its claim says the sweep does not pack, so the worker asks
+    # the database for no siblings.
+    sweep = () if alone else ("--grid", "seed=1,2", "--no-pack")
+    job_id = submit_ids(str(spec), *sweep)[0]
     submit_commits = len(counted_statements["commits"])
     worker_from = len(counted_statements["statements"])
     outcome = execute_job(job_id, Settings())
