@@ -302,10 +302,15 @@ def carry_pack(job_id: str, settings: Settings) -> None:
     if not claims:
         return
     log.info("job %s: its message carries %d queued job(s) of its sweep", job_id, len(claims))
-    if len(claims) == 1:
-        run_claimed(claims[0], settings)
-    else:
-        execute_pack(claims, settings)
+    outcome = (
+        run_claimed(claims[0], settings) if len(claims) == 1 else execute_pack(claims, settings)
+    )
+    if outcome == "released":
+        # Handed back at a warm shutdown: the lead keeps its published mark, so it needs a
+        # message now (the others were marked for the reconciler).
+        from service.queue import get_app
+
+        _republish(get_app(), settings, claims[0].job_id)
 
 
 def claim_pack_siblings(

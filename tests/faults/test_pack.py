@@ -125,3 +125,41 @@ def test_no_pack_runs_each_member_alone(sqlite_cluster: Cluster) -> None:
     ids = submit_sweep(cluster, spec, "--grid", "optimizer.lr=0.001,0.002", "--no-pack")
     assert_members_as_solo(cluster, ids)
     assert all("pack" not in cluster.job(i).result for i in ids)
+
+
+def test_a_carried_pack_handed_back_at_shutdown_gets_one_message_at_once(
+    sqlite_cluster: Cluster,
+) -> None:
+    """A message whose job is taken carries its sweep's next pack; a warm shutdown hands that
+    pack back with a message for its lead at once and the rest marked for the reconciler."""
+    import redis
+
+    from service.queue import _job_id_of
+
+    cluster = sqlite_cluster
+    spec = training_spec("pack-carried", epochs=20_000, n_samples=1000, batch_size=50)
+    ids = submit_sweep(cluster, spec, "--grid", f"optimizer.lr={','.join(LRS)}")
+    broker = redis.Redis.from_url(cluster.env["LRQ_BROKER_URL"])
+    (carrier,) = [_job_id_of(raw) for raw in broker.lrange("cpu", 0, -1)]
+    assert carrier in ids
+    # The carrier's own job is cancelled before any worker runs: its message carries the rest.
+    assert run_cli("cancel", carrier).exit_code == 0
+    rest = [i for i in ids if i != carrier]
+    old = cluster.start_worker("old")
+    holder = wait_packed(cluster, rest, epochs=100)
+    assert int(holder.rpartition(":")[2]) in old.pool_pids()
+    old.process.send_signal(signal.SIGTERM)
+    old.process.wait(120)
+    back = [cluster.job(i) for i in rest]
+    assert {j.state for j in back} == {"queued"}
+    assert all(0 < j.epochs_done < spec["epochs"] for j in back)
+
+    # Each member has one message: the pack's lead its own, sent as it was handed back (it
+    # kept its published mark), the others from the reconciler, which they were marked for.
+    def waiting() -> list[str | None]:
+        return sorted(_job_id_of(raw) for raw in broker.lrange("cpu", 0, -1))
+
+    cluster.wait(lambda: waiting() == sorted(rest), timeout=60, what="a message for each member")
+    cluster.start_worker("new")
+    assert_members_as_solo(cluster, rest)
+    assert cluster.job(carrier).state == "cancelled"
