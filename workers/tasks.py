@@ -45,6 +45,28 @@ shutdown_requested = threading.Event()
 interrupted = threading.Event()
 
 
+#: When the running task's soft time limit falls due (monotonic), per thread that runs tasks.
+_soft_limit = threading.local()
+
+
+def _start_soft_limit(settings: Settings) -> None:
+    limit = settings.soft_time_limit
+    _soft_limit.due = time.monotonic() + limit if limit > 0 else None
+
+
+def _check_soft_limit() -> None:
+    """Raise the soft time limit at a chunk boundary once it is due.
+
+    Celery's signal raises it wherever the task happens to be, which is most of the time
+    enough; but an exception raised inside a weakref callback or a ``__del__`` (the database
+    layer runs many) is printed and dropped by Python, and the task then runs on to the hard
+    limit and loses its process. This check makes the soft limit land in the task's own code.
+    """
+    due = getattr(_soft_limit, "due", None)
+    if due is not None and time.monotonic() >= due:
+        raise SoftTimeLimitExceeded()
+
+
 def with_db_retries(action: Callable[[], T], *, what: str) -> T:
     """Run a database action, retrying through a restarting or unreachable database."""
     # No deadline: an outage, however long, is never the job's fault, and giving up could
@@ -116,6 +138,7 @@ class Recorder:
         self.cancel_requested = progress.cancel_requested
 
     def should_stop(self) -> bool:
+        _check_soft_limit()
         return self.cancel_requested or self.lease_lost or self.released
 
 
@@ -175,6 +198,7 @@ def load_train_data(spec: JobSpec, dataset_id: str | None, settings: Settings) -
 
 def execute_job(job_id: str, settings: Settings) -> str:
     """Run one job to a terminal state (or give it up to a reclaim); returns the outcome."""
+    _start_soft_limit(settings)
     url = settings.resolved_database_url()
 
     def claim_it() -> jobs.Claim | None:
@@ -400,6 +424,7 @@ class MemberRecorder:
         self.snapshot = snapshot
 
     def should_stop(self) -> bool:
+        _check_soft_limit()
         return self.cancel_requested or self.lease_lost or self.released
 
 

@@ -81,7 +81,9 @@ def test_a_whole_worker_killed_mid_pack_the_other_resumes_every_member(
     pg_cluster: Cluster,
 ) -> None:
     cluster = pg_cluster
-    spec = training_spec("pack-worker-killed", epochs=4000)
+    # Long enough that the pack is still running once the second worker is up (seconds on a
+    # busy host) and the kill lands mid-pack.
+    spec = training_spec("pack-worker-killed", epochs=40_000)
     cluster.start_worker("a")
     ids = submit_sweep(cluster, spec, "--grid", f"optimizer.lr={','.join(LRS)}")
     holder = wait_packed(cluster, ids, epochs=100)
@@ -89,6 +91,10 @@ def test_a_whole_worker_killed_mid_pack_the_other_resumes_every_member(
     survivor = cluster.start_worker("b")
     assert int(holder.rpartition(":")[2]) in cluster.workers[0].pool_pids()
     cluster.workers[0].kill(signal.SIGKILL)
+    cut = [cluster.job(i) for i in ids]
+    assert all(j.state == "running" and j.epochs_done < spec["epochs"] for j in cut), [
+        (j.state, j.epochs_done) for j in cut
+    ]
 
     assert_members_as_solo(cluster, ids)
     for job_id in ids:

@@ -210,3 +210,28 @@ def test_the_results_frame_from_rows_equals_the_one_from_jobs(database_url: str)
     assert losses == [expected[j.id] for j in found]
     assert from_rows["state"].value_counts().to_dict() == {"succeeded": 15, "queued": 15}
     pd.testing.assert_frame_equal(from_rows, from_jobs)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+def test_the_soft_time_limit_stops_a_job_at_its_own_chunk_boundary(
+    lrq_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, packed: bool
+) -> None:
+    """Here no Celery signal can raise the soft limit (the job runs in this process): the
+    worker's own check at the next epoch ends it, with its epochs so far recorded."""
+    from service import db
+    from service.settings import Settings
+    from tests.support import load_jobs
+    from workers.tasks import execute_job
+
+    monkeypatch.setenv("LRQ_SOFT_TIME_LIMIT", "1")
+    spec = tmp_path / "long.json"
+    spec.write_text(json.dumps({**small_spec(), "epochs": 1_000_000}))
+    grid = ("--grid", "optimizer.lr=0.01,0.02") if packed else ()
+    ids = submit_ids(str(spec), *grid)
+    assert execute_job(ids[0], Settings()) == "failed"
+    found = load_jobs(lrq_env["LRQ_DATABASE_URL"], ids)
+    assert [(j.state, j.error) for j in found] == [
+        ("failed", "timed out: the soft time limit of 1s")
+    ] * len(ids)
+    assert all(j.lease_expires_at is None for j in found)
+    db.dispose_all()
