@@ -4,7 +4,8 @@
 
 Side by side and interleaved: a real `lrq worker` polling the broker's folder every
 ``service.queue.FILESYSTEM_POLL_SECONDS`` (lrq's setting), and one polling at kombu's default
-of once a second, each working through the same N one-epoch jobs submitted at once. It prints
+of once a second, each working through the same N one-epoch jobs submitted at once (with
+``--no-pack``, so that each job is a message of its own: a packed sweep is one). It prints
 the median seconds per sweep, the jobs per second and their ratio; it asserts nothing.
 """
 
@@ -63,7 +64,7 @@ def sweep_seconds(poll: float, jobs: int) -> float:
         seeds = ",".join(str(seed) for seed in range(jobs))
         began = time.perf_counter()
         subprocess.run(
-            [*lrq, "submit", str(spec), "--grid", f"seed={seeds}", "--wait", "-q"],
+            [*lrq, "submit", str(spec), "--grid", f"seed={seeds}", "--no-pack", "--wait", "-q"],
             env=env,
             check=True,
             capture_output=True,
